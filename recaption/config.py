@@ -1,0 +1,238 @@
+"""Pydantic models of a pipeline YAML, `--set a.b=v` overrides, and the config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recaption.errors import ConfigError
+
+InputFormat = Literal["auto", "webdataset", "img2dataset-parquet", "parquet", "hf", "folder"]
+EngineName = Literal["hf", "vllm", "fake"]
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(Strict):
+    """Where the images come from and how to read them."""
+
+    path: str = Field(description="Local path or URI (s3://, gs://) of a shard, a directory of shards or an image folder")
+    format: InputFormat = "auto"
+    unit_size: int = Field(
+        10_000, gt=0, description="Rows per work unit for parquet, HF and folder inputs; a tar shard is one unit"
+    )
+    image_column: str | None = Field(None, description="Image column of parquet/HF inputs (bytes, {bytes,path} or path)")
+    key_column: str | None = Field(None, description="Column holding a stable id; default: `key`, else source/row")
+    caption_column: str | None = Field(None, description="Column of the original alt-text; default: caption/text")
+    url_column: str | None = Field(None, description="Column of the source URL; default: `url`")
+    max_units: int | None = Field(None, gt=0, description="Process at most this many units (for trial runs)")
+
+
+class ImageConfig(Strict):
+    """Decode limits and the size images are sent to the models at."""
+
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Images claiming more pixels fail as decompression bombs (PIL's default)"
+    )
+    min_side: int = Field(1, gt=0, description="Images with a side below this fail")
+    max_side: int = Field(1024, gt=0, description="Larger images are downscaled to this longest side before captioning")
+
+
+class GenerationConfig(Strict):
+    """Sampling settings shared by every engine."""
+
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    """One captioner: which model, which engine, which prompts, and how many actors run it."""
+
+    name: str | None = Field(None, description="Id stored in captions.model; default: the registry name or path")
+    path: str = Field(description="Registry name, Hugging Face repo id or local checkpoint directory")
+    engine: EngineName = "hf"
+    family: str = Field("auto", description="llava, instructblip, blip2 …; auto reads config.json `architectures`")
+    prompts: list[str] = Field(default_factory=lambda: ["detailed"], min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto (cuda when the actor has a GPU, else cpu), cpu, cuda")
+    batch_size: int = Field(8, gt=0, description="Images × prompts per generate call of the hf engine")
+    trust_remote_code: bool = False
+    revision: str | None = None
+    generation: GenerationConfig | None = Field(None, description="Overrides the top-level `generation`")
+    concurrency: int = Field(1, gt=0, description="Actors in this model's pool")
+    num_cpus: float = Field(0.5, ge=0.0, description="CPUs each actor reserves (fractional on small machines)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each actor reserves (fractional for small models)")
+    fake_delay_s: float = Field(0.0, ge=0.0, description="fake engine only: seconds per image, to model cost")
+
+    @property
+    def id(self) -> str:
+        return self.name or self.path.rstrip("/").split("/")[-1]
+
+
+class PostprocessConfig(Strict):
+    """Cleaning of generated text and splitting into sub-captions."""
+
+    min_sub_caption_chars: int = Field(3, ge=0, description="Shorter sentence fragments are merged or dropped")
+    repetition_ngram: int = Field(4, gt=0, description="n-gram size used to flag repetition loops")
+    repetition_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Flag `repetition` when repeated n-grams exceed this fraction"
+    )
+
+
+class OutputConfig(Strict):
+    """Where the Parquet goes."""
+
+    path: str = Field(description="Output directory (local path or URI)")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class RayConfig(Strict):
+    """How the job uses Ray. Leave `address` unset for a local Ray; RAY_ADDRESS also selects a cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of an auto-started local Ray (default: all)")
+    read_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each read+decode task reserves")
+    write_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each clean+commit task reserves")
+    max_units_in_flight: int | None = Field(
+        None, gt=0, description="Bound on units read ahead of the caption stage (default: 2 per caption actor)"
+    )
+
+
+class PipelineConfig(Strict):
+    """A whole re-captioning job."""
+
+    input: InputConfig
+    output: OutputConfig
+    models: list[ModelConfig] = Field(min_length=1)
+    prompts: dict[str, str] = Field(default_factory=dict, description="Extra or overriding prompt texts by name")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    images: ImageConfig = Field(default_factory=ImageConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        ids = [m.id for m in models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"model ids must be unique, repeated: {dupes}; set `name` to tell them apart")
+        return models
+
+    @model_validator(mode="after")
+    def _fill_generation(self) -> PipelineConfig:
+        for m in self.models:
+            if m.generation is None:
+                m.generation = self.generation.model_copy()
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return config_hash(self.resolved())
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """A short stable hash of a resolved config (key order does not matter)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=v` → (["a", "b"], v) with v parsed as YAML (so numbers, bools and lists work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set input.path=/data/shards")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set a nested key; list items are addressed by index (`models.0.path=...`)."""
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, parts[: i + 1], create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, parts)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _child(node: Any, part: str, path: list[str], create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:-1])} is not a mapping")
+    if part not in node or node[part] is None:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (input, output, models, …)")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (or a dict), apply `--set` overrides, validate. Errors name the offending key."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    for item in overrides:
+        apply_override(raw, *parse_override(item))
+    return validate(PipelineConfig, raw, str(path) if path else "config")
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], where: str) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {describe_validation_error(e)}") from None
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line per problem, naming the dotted key, e.g. `input.pathh: unknown key`."""
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)

@@ -1,0 +1,1 @@
+"""Captioning engines behind one protocol; the pipeline never knows which one runs."""

@@ -1,0 +1,53 @@
+"""The `Captioner` protocol every engine implements, and the factory that builds one from a model config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from recaption.config import ModelConfig
+
+
+@dataclass
+class Generation:
+    """What an engine produced for one (image, prompt) request."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length" (hit max_new_tokens), "error"
+    error: str | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+class Captioner(Protocol):
+    """Captions a batch of images, each with the prompt text (not yet chat-formatted) at the same index."""
+
+    model_id: str
+
+    def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
+        """Returns one Generation per (image, prompt) pair, in order."""
+        ...
+
+    def versions(self) -> dict[str, str]:
+        """Engine and model versions recorded in the run metadata."""
+        ...
+
+
+def build_captioner(model: ModelConfig) -> Captioner:
+    """Builds the engine a model config names. Heavy imports happen here, inside the actor, not at import time."""
+    if model.engine == "hf":
+        from recaption.engines.hf import HFCaptioner
+
+        return HFCaptioner(model)
+    if model.engine == "fake":
+        from recaption.engines.fake import FakeCaptioner
+
+        return FakeCaptioner(model)
+    if model.engine == "vllm":
+        from recaption.engines.vllm import VLLMCaptioner
+
+        return VLLMCaptioner(model)
+    raise ValueError(f"unknown engine {model.engine!r}")

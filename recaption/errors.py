@@ -1,0 +1,27 @@
+"""The one exception family: every error a user sees is a RecaptionError with a message they can act on."""
+
+
+class RecaptionError(Exception):
+    """Base of all recaption errors; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(RecaptionError):
+    """A config key, value or override is wrong. The message names the key."""
+
+    exit_code = 2
+
+
+class InputError(RecaptionError):
+    """An input path is missing, unreadable, empty or of an unknown format. The message names the path."""
+
+    exit_code = 2
+
+
+class EngineError(RecaptionError):
+    """A captioning engine could not be built or failed as a whole."""
+
+
+class ImageError(RecaptionError):
+    """One image could not be used; it becomes a `failed` row with this message as its `error`."""

@@ -1,0 +1,38 @@
+"""Inputs: listing shards through pyarrow.fs, per-format readers, and work-unit planning."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One input shard, or the rows [start, stop) of a large one: the grain of scheduling, output and resume."""
+
+    unit: str  # file-name-safe id, e.g. "00042" or "00042-s0003"
+    source: str  # shard path relative to the input root ("" when the input is one file: its name)
+    uri: str  # the shard as `pyarrow.fs.FileSystem.from_uri` resolves it (for folders: the folder)
+    format: str  # webdataset | img2dataset-parquet | parquet | hf | folder
+    start: int = 0
+    stop: int | None = None  # None: to the end of the shard
+    members: tuple[str, ...] = ()  # folder inputs: the image files (relative to the input root) of this unit
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["members"] = list(self.members)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorkUnit:
+        return cls(**{**d, "members": tuple(d.get("members") or ())})
+
+
+@dataclass
+class SourceRecord:
+    """One input row as a reader yields it, before decoding."""
+
+    key: str
+    image: bytes | None
+    url: str | None = None
+    alt_text: str | None = None
+    error: str | None = None  # set when the reader already knows the row cannot be used (null image, bad member)
