@@ -1,0 +1,61 @@
+"""A deterministic fake engine for data-plane tests: captions derived from a hash of the pixels and the prompt."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING
+
+from recaption.engines.base import Generation
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from recaption.config import ModelConfig
+
+_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+_OBJECTS = ["cube", "sphere", "dog", "boat", "tree", "house", "bicycle", "lamp"]
+_PLACES = ["on a table", "in a field", "by the sea", "in a city street", "in a quiet room", "under a cloudy sky"]
+
+
+class FakeCaptioner:
+    """Same image and prompt → same caption, always; 3 or 4 sentences so sub-caption splitting has work."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model_id = model.id
+        self.delay_s = model.fake_delay_s
+
+    def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they pair up by index")
+        out = []
+        for image, prompt in zip(images, prompts, strict=True):
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            text = fake_caption(image, prompt)
+            out.append(Generation(text=text, n_tokens=len(text.split()), finish_reason="stop"))
+        return out
+
+    def versions(self) -> dict[str, str]:
+        return {"engine": "fake", "model": self.model_id}
+
+
+def fake_caption(image: Image.Image, prompt: str) -> str:
+    """The caption FakeCaptioner writes for one image and prompt."""
+    h = hashlib.sha256()
+    h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    h.update(image.tobytes())
+    h.update(prompt.encode())
+    digest = h.digest()
+    # No sentence ends inside the quoted prompt, so every caption has exactly 3 or 4 sentences.
+    short_prompt = " ".join(prompt.translate(str.maketrans("", "", ".!?")).split())
+    short_prompt = short_prompt if len(short_prompt) <= 40 else short_prompt[:38].rstrip() + "…"
+    sentences = [
+        f"A fake caption {digest.hex()[:6]} of a {image.width}x{image.height} image.",
+        f"The prompt was '{short_prompt}'.",
+        f"It shows {digest[0] % 5 + 1} {_COLOURS[digest[1] % len(_COLOURS)]} {_OBJECTS[digest[2] % len(_OBJECTS)]}s"
+        f" {_PLACES[digest[3] % len(_PLACES)]}.",
+    ]
+    if digest[4] % 2:
+        sentences.append(f"In the background there is a {_COLOURS[digest[5] % len(_COLOURS)]} wall.")
+    return " ".join(sentences)

@@ -1,0 +1,102 @@
+"""Model family detection and path resolution: local checkpoints, the HF cache, registry names, bad paths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import huggingface_hub.constants  # noqa: E402
+
+from recaption.errors import ConfigError  # noqa: E402
+from recaption.models import REGISTRY, family_of, resolve_model  # noqa: E402
+from recaption.tiny import FAMILIES, build_tiny  # noqa: E402
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An offline HF cache holding only config.json files, laid out as huggingface_hub writes them."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, architectures: list[str]) -> None:
+        repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        snapshot = repo / "snapshots" / COMMIT
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps({"architectures": architectures}))
+
+    return add
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_detected_from_a_tiny_checkpoint(tiny, family):
+    info = resolve_model(str(tiny[family]))
+    assert info.family == family
+    assert info.path == str(tiny[family].resolve())
+    assert len(info.architectures) == 1
+
+
+def test_explicit_family_wins_and_bad_family_is_rejected(tiny):
+    assert resolve_model(str(tiny["llava"]), family="chat").family == "chat"
+    with pytest.raises(ConfigError, match="llava_next"):
+        resolve_model(str(tiny["llava"]), family="llavaa")
+
+
+def test_unknown_architectures_are_generic_chat_models():
+    assert family_of(["Qwen2VLForConditionalGeneration"]) == "chat"
+    assert family_of([]) == "chat"
+    assert family_of(["Foo", "LlavaNextForConditionalGeneration"]) == "llava_next"
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing-dir", "relative/../nothing/here/x"])
+def test_missing_path_is_a_config_error_naming_it(path):
+    with pytest.raises(ConfigError) as e:
+        resolve_model(path)
+    assert path in str(e.value) and "local checkpoint directory" in str(e.value)
+
+
+def test_directory_without_config_and_file_paths_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file"):
+        resolve_model(str(tmp_path / "weights.bin"))
+
+
+def test_repo_id_resolves_offline_from_the_hf_cache(hf_cache):
+    hf_cache("someone/tiny-blip", ["Blip2ForConditionalGeneration"])
+    info = resolve_model("someone/tiny-blip")
+    assert (info.path, info.family) == ("someone/tiny-blip", "blip2")
+    assert info.architectures == ["Blip2ForConditionalGeneration"]
+
+
+def test_registry_name_resolves_to_its_repo_and_family(hf_cache):
+    hf_cache("llava-hf/llava-1.5-7b-hf", ["LlavaForConditionalGeneration"])
+    info = resolve_model("llava-1.5-7b")
+    assert info.path == "llava-hf/llava-1.5-7b-hf" and info.family == "llava" and info.registry_name == "llava-1.5-7b"
+
+
+def test_uncached_repo_offline_is_a_config_error_saying_what_to_do(hf_cache):
+    with pytest.raises(ConfigError, match=r"nobody/nothing.*hf download nobody/nothing"):
+        resolve_model("nobody/nothing")
+
+
+def test_registry_entries_are_complete():
+    names = {"llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "blip2-opt-2.7b", "sharegpt4v-7b"}
+    assert names <= set(REGISTRY)
+    for name, entry in REGISTRY.items():
+        assert set(entry) >= {"repo", "family", "engine"}, name
+        assert entry["engine"] in {"hf", "vllm"}
