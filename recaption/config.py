@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -25,12 +26,16 @@ class Strict(BaseModel):
 class InputConfig(Strict):
     """Where the images come from and how to read them."""
 
-    path: str = Field(description="Local path or URI (s3://, gs://) of a shard, a directory of shards or an image folder")
+    path: str = Field(
+        description="Local path or URI (s3://, gs://) of a shard, a directory of shards or an image folder"
+    )
     format: InputFormat = "auto"
     unit_size: int = Field(
         10_000, gt=0, description="Rows per work unit for parquet, HF and folder inputs; a tar shard is one unit"
     )
-    image_column: str | None = Field(None, description="Image column of parquet/HF inputs (bytes, {bytes,path} or path)")
+    image_column: str | None = Field(
+        None, description="Image column of parquet/HF inputs (bytes, {bytes,path} or path)"
+    )
     key_column: str | None = Field(None, description="Column holding a stable id; default: `key`, else source/row")
     caption_column: str | None = Field(None, description="Column of the original alt-text; default: caption/text")
     url_column: str | None = Field(None, description="Column of the source URL; default: `url`")
@@ -209,9 +214,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None
+) -> PipelineConfig:
     """Read a pipeline YAML (or a dict), apply `--set` overrides, validate. Errors name the offending key."""
-    raw = read_yaml(path) if path is not None else dict(data or {})
+    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
     for item in overrides:
         apply_override(raw, *parse_override(item))
     return validate(PipelineConfig, raw, str(path) if path else "config")

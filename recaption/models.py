@@ -30,6 +30,10 @@ REGISTRY: dict[str, dict[str, str]] = {
     "instructblip-vicuna-7b": {"repo": "Salesforce/instructblip-vicuna-7b", "family": "instructblip", "engine": "hf"},
     "blip2-opt-2.7b": {"repo": "Salesforce/blip2-opt-2.7b", "family": "blip2", "engine": "vllm"},
     "sharegpt4v-7b": {"repo": "Lin-Chen/ShareGPT4V-7B", "family": "sharegpt4v", "engine": "vllm"},
+    # Tiny random-weight models built locally on first use (recaption/tiny.py): the demo and tests.
+    "tiny-llava": {"tiny": "llava", "family": "llava", "engine": "hf"},
+    "tiny-instructblip": {"tiny": "instructblip", "family": "instructblip", "engine": "hf"},
+    "tiny-blip2": {"tiny": "blip2", "family": "blip2", "engine": "hf"},
 }
 
 # owner/name with Hugging Face's allowed characters; anything else is treated as a filesystem path.
@@ -60,7 +64,7 @@ def resolve_model(path_or_name: str, family: str = "auto", revision: str | None 
     if family != "auto" and family not in FAMILIES:
         raise ConfigError(f"model family {family!r} is unknown; use auto or one of {', '.join(sorted(FAMILIES))}")
     entry = REGISTRY.get(path_or_name)
-    target = entry["repo"] if entry else path_or_name
+    target = _registry_target(entry) if entry else path_or_name
     local = Path(target).expanduser()
     if local.is_dir():
         config = _read_local_config(local)
@@ -78,6 +82,14 @@ def resolve_model(path_or_name: str, family: str = "auto", revision: str | None 
     if family == "auto":
         family = entry["family"] if entry else family_of(architectures)
     return ModelInfo(target, family, architectures, revision, path_or_name if entry else None)
+
+
+def _registry_target(entry: dict[str, str]) -> str:
+    if "tiny" in entry:
+        from recaption.tiny import ensure_tiny
+
+        return str(ensure_tiny(entry["tiny"]))
+    return entry["repo"]
 
 
 def _read_local_config(directory: Path) -> dict[str, Any]:

@@ -98,5 +98,13 @@ def test_registry_entries_are_complete():
     names = {"llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "blip2-opt-2.7b", "sharegpt4v-7b"}
     assert names <= set(REGISTRY)
     for name, entry in REGISTRY.items():
-        assert set(entry) >= {"repo", "family", "engine"}, name
+        assert {"family", "engine"} <= set(entry) and ("repo" in entry) != ("tiny" in entry), name
         assert entry["engine"] in {"hf", "vllm"}
+
+
+def test_tiny_registry_name_builds_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECAPTION_CACHE", str(tmp_path))
+    info = resolve_model("tiny-blip2")
+    assert info.family == "blip2" and info.registry_name == "tiny-blip2"
+    assert info.path.startswith(str(tmp_path)) and (tmp_path / "tiny").is_dir()
+    assert resolve_model("tiny-blip2").path == info.path

@@ -1,0 +1,91 @@
+"""The one entry point, `recaption <command>`: parse arguments, load the config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from recaption.errors import RecaptionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args) or 0
+    except RecaptionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume; finished units are kept", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recaption", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="re-caption a dataset as a pipeline YAML describes")
+    run.add_argument("config", help="pipeline YAML, e.g. pipelines/llava15.yaml")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set input.path=/data/shards (repeatable)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on generated images with a tiny local model")
+    demo.add_argument("--out", default="demo-out", help="directory for the demo's input shards and output")
+    demo.add_argument("--images", type=int, default=48, help="how many images to generate")
+    demo.set_defaults(func=cmd_demo)
+
+    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight model (tests, demo) into a directory")
+    tiny.add_argument("out", help="directory to save the model and processor to")
+    tiny.add_argument("--family", choices=["llava", "instructblip", "blip2"], default="llava")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from recaption.config import load_config
+    from recaption.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_pipeline(cfg, progress=not args.no_progress)
+    print_summary(summary)
+    return 1 if summary.unit_errors else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recaption.demo import run_demo
+
+    return run_demo(args.out, n_images=args.images)
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from recaption.tiny import build_tiny
+
+    path = build_tiny(args.family, args.out, seed=args.seed)
+    print(f"tiny {args.family} model (random weights) saved to {path}")
+    return 0
+
+
+def print_summary(s) -> None:
+    print(f"output:   {s.output}")
+    print(f"units:    {s.units_done} run, {s.units_skipped} already done, {s.units_total} in total")
+    print(f"rows:     {s.rows} ({s.ok} ok, {s.failed} failed, {s.skipped} skipped)")
+    print(f"speed:    {s.images_per_s:.1f} images/s, {s.tokens} tokens in {s.seconds:.1f} s")
+    for unit, error in s.unit_errors.items():
+        print(f"unit {unit} not committed: {error} (rerun the same command to retry it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval, zero-shot classification, benchmark loaders and the synthetic scene benchmark."""

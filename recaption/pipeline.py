@@ -1,0 +1,162 @@
+"""Builds and runs the Ray Data job of a pipeline config: plan → read+decode → caption × models → clean+commit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from recaption.config import PipelineConfig
+from recaption.errors import ConfigError
+from recaption.writer import RUN_INFO, open_output
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a run did, as printed at its end."""
+
+    output: str
+    units_total: int = 0
+    units_skipped: int = 0
+    units_done: int = 0
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    unit_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> RunSummary:
+    """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped."""
+    from recaption.shards.plan import plan_units
+
+    prompt_texts = resolve_prompts(cfg)
+    check_models(cfg)
+    units = plan_units(cfg.input)
+    out = open_output(cfg.output.path)
+    out.prepare()
+    done = out.done_units()
+    todo = [u for u in units if u.unit not in done]
+    summary = RunSummary(output=cfg.output.path, units_total=len(units), units_skipped=len(units) - len(todo))
+    run_meta = run_metadata(cfg)
+    out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
+    if not todo:
+        return summary
+    start = time.time()
+    ds = build_dataset(cfg, todo, prompt_texts, run_meta)
+    bar = progress_bar(len(todo), progress)
+    for row in ds.iter_rows():
+        summary.units_done += 1
+        if row["error"]:
+            summary.unit_errors[row["unit"]] = row["error"]
+        for k in ("rows", "ok", "failed", "skipped", "tokens"):
+            setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
+        summary.seconds = time.time() - start
+        bar.update(1)
+        bar.set_postfix(ok=summary.ok, failed=summary.failed, img_s=f"{summary.images_per_s:.1f}")
+    bar.close()
+    summary.seconds = time.time() - start
+    return summary
+
+
+def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict[str, str], run_meta: dict):
+    """The Ray Data job: one row per unit throughout, one actor pool per model."""
+    import ray.data
+
+    from recaption.stages import CaptionStage, CommitStage, ReadStage, run_as_task
+
+    init_ray(cfg)
+    ds = ray.data.from_items([u.to_dict() for u in units], override_num_blocks=len(units))
+    common = {"batch_size": 1, "batch_format": "pyarrow", "zero_copy_batch": True}
+    ds = ds.map_batches(
+        run_as_task,
+        fn_kwargs={
+            "stage": ReadStage,
+            "kwargs": {"input_cfg": cfg.input.model_dump(), "image_cfg": cfg.images.model_dump()},
+        },
+        num_cpus=cfg.ray.read_num_cpus,
+        **common,
+    )
+    for model in cfg.models:
+        ds = ds.map_batches(
+            CaptionStage,
+            fn_constructor_kwargs={"model_cfg": model.model_dump(), "prompt_texts": prompt_texts},
+            compute=ray.data.ActorPoolStrategy(size=model.concurrency),
+            num_cpus=model.num_cpus,
+            num_gpus=model.num_gpus,
+            **common,
+        )
+    commit_kwargs = {
+        "output_path": cfg.output.path,
+        "compression": cfg.output.compression,
+        "run_meta": run_meta,
+        "prompt_texts": prompt_texts,
+        "post_cfg": cfg.postprocess.model_dump(),
+    }
+    return ds.map_batches(
+        run_as_task,
+        fn_kwargs={"stage": CommitStage, "kwargs": commit_kwargs},
+        num_cpus=cfg.ray.write_num_cpus,
+        **common,
+    )
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Joins a cluster (config or RAY_ADDRESS) or starts a local Ray; reuses one already started in this process."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs = {"address": address} if address else {"num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
+        ray.init(**kwargs, logging_level=logging.WARNING, configure_logging=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def resolve_prompts(cfg: PipelineConfig) -> dict[str, str]:
+    """The text of every prompt a model names (registry, overridden by the config's `prompts`)."""
+    from recaption.prompts import get_prompt
+
+    return {name: get_prompt(name, cfg.prompts) for m in cfg.models for name in m.prompts}
+
+
+def check_models(cfg: PipelineConfig) -> None:
+    """Fails fast, before any Ray work, on a model that cannot be found."""
+    from recaption.models import resolve_model
+
+    for m in cfg.models:
+        if m.engine != "fake":
+            resolve_model(m.path, family=m.family, revision=m.revision)
+    if cfg.output.path.rstrip("/") == cfg.input.path.rstrip("/"):
+        raise ConfigError(f"output.path: must differ from input.path ({cfg.input.path})")
+
+
+def run_metadata(cfg: PipelineConfig) -> dict:
+    """Config, its hash and package versions, stored in every output file and in _run.json."""
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("recaption", "ray", "pyarrow", "pillow", "transformers", "torch", "vllm"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"config": cfg.resolved(), "config_hash": cfg.hash(), "versions": versions}
+
+
+def progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="unit", desc="recaption", disable=not enabled, mininterval=1.0, file=sys.stderr)
