@@ -1,0 +1,89 @@
+"""The `recaption` command: exit codes and one-line errors for bad configs and inputs, the demo end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from recaption.cli import main
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    data = {
+        "input": {"path": str(tmp_path / "in")},
+        "output": {"path": str(tmp_path / "out")},
+        "models": [{"path": "fake", "engine": "fake"}],
+    }
+    for section, value in changes.items():
+        data[section] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).with_name("recaption")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_config_key_exits_2_naming_the_key(tmp_path):
+    (tmp_path / "in").mkdir()
+    config = write_config(tmp_path, input={"path": str(tmp_path / "in"), "shard_glob": "*.tar"})
+    proc = run_cli(["run", str(config)])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {config}: input.shard_glob: unknown key"]
+
+
+def test_missing_input_path_exits_2(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "in") in err[0]
+
+
+def test_empty_input_exits_2(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.md").write_text("no images here")
+    assert main(["run", str(write_config(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in" in err[0]
+
+
+def test_bad_override_and_missing_model_exit_2(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    config = write_config(tmp_path)
+    assert main(["run", str(config), "--set", "models.0.batch_size=-1"]) == 2
+    assert "models.0.batch_size" in capsys.readouterr().err
+    assert main(["run", str(config), "--set", "models.0.engine=hf", "--set", f"models.0.path={tmp_path}/nope"]) == 2
+    assert f"{tmp_path}/nope" in capsys.readouterr().err
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    assert main(["tiny-model", "--family", "blip2", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert "random weights" in capsys.readouterr().out
+
+
+def test_demo_end_to_end(tmp_path, capsys, ray_session):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "rows:     20 (20 ok, 0 failed, 0 skipped)" in out
+    assert "RANDOM weights" in out and "pipelines/llava15.yaml" in out
+    table = pads.dataset(str(tmp_path / "demo" / "output"), format="parquet").to_table()
+    assert table.num_rows == 20
+    # A second demo run resumes: every unit is already done.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20"]) == 0
+    assert "0 run, 2 already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and "recaption" in capsys.readouterr().out

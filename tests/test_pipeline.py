@@ -1,0 +1,158 @@
+"""The whole pipeline on a local Ray: every input format in, the output contract out, a rerun does no work."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from recaption.config import load_config
+from recaption.pipeline import run_pipeline
+from recaption.writer import OUTPUT_SCHEMA, read_run_metadata
+from tests.data import (
+    img2dataset_download,
+    write_hf_dataset,
+    write_image_folder,
+    write_parquet_dataset,
+    write_webdataset_dir,
+)
+
+FAKE = {"name": "fake", "path": "fake", "engine": "fake", "prompts": ["detailed", "short"], "num_cpus": 0.25}
+
+
+def make_config(input_path, out, models=(FAKE,), **sections):
+    data = {"input": {"path": str(input_path)}, "output": {"path": str(out)}, "models": list(models), **sections}
+    return load_config(None, data=data)
+
+
+def read_output(out: Path) -> pa.Table:
+    return pads.dataset(str(out), format="parquet").to_table()
+
+
+def check_contract(out: Path, expected_keys: list[str], n_captions: int) -> pa.Table:
+    """Output rows == input rows, keys equal and unique, every row ok (with captions) or failed (with an error)."""
+    table = read_output(out)
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "duplicate keys in the output"
+    assert sorted(keys) == sorted(expected_keys)
+    for row in table.to_pylist():
+        assert row["status"] in ("ok", "failed"), row
+        if row["status"] == "ok":
+            assert row["error"] is None and row["width"] > 0 and len(row["image_sha256"]) == 64
+            assert len(row["captions"]) == n_captions
+            assert all(c["text"] and c["sub_captions"] and c["n_tokens"] > 0 for c in row["captions"])
+        else:
+            assert row["error"], row
+    return table
+
+
+def tar_keys(root: Path) -> list[str]:
+    """Input keys read with plain tarfile, independently of the reader under test."""
+    keys = []
+    for tar in sorted(root.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            keys += [m.name.rsplit(".", 1)[0] for m in tf.getmembers() if m.name.endswith(".jpg")]
+    return keys
+
+
+def test_img2dataset_webdataset_shards(tmp_path, ray_session):
+    shards = img2dataset_download(tmp_path, 10, output_format="webdataset", number_sample_per_shard=4)
+    cfg = make_config(shards, tmp_path / "out")
+    summary = run_pipeline(cfg, progress=False)
+    keys = tar_keys(shards)
+    assert len(keys) == 10 and summary.units_total == len(list(shards.glob("*.tar"))) >= 3
+    table = check_contract(tmp_path / "out", keys, n_captions=2)
+    rows = table.to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:  # url and alt text are carried through from img2dataset's metadata
+        i = r["url"].rsplit("/", 1)[1].split(".")[0]
+        assert r["alt_text"] == f"caption {i}" and r["source"].endswith(".tar")
+    assert [c["prompt"] for c in rows[0]["captions"]] == ["detailed", "short"]
+    meta = read_run_metadata(str(next((tmp_path / "out").glob("part-*.parquet"))))
+    assert meta["config_hash"] == cfg.hash() and meta["config"]["input"]["path"] == str(shards)
+
+
+def test_img2dataset_parquet_output_keeps_failed_downloads(tmp_path, ray_session):
+    shards = img2dataset_download(tmp_path, 6, output_format="parquet", missing=2, number_sample_per_shard=4)
+    files = sorted(shards.glob("[0-9]*.parquet"))
+    inputs = pa.concat_tables([pq.read_table(f, columns=["key", "status"]) for f in files])
+    run_pipeline(make_config(shards, tmp_path / "out"), progress=False)
+    table = check_contract(tmp_path / "out", inputs.column("key").to_pylist(), n_captions=2)
+    failed = [r for r in table.to_pylist() if r["status"] == "failed"]
+    assert len(failed) == inputs.column("status").to_pylist().count("failed_to_download") == 2
+    assert all("failed_to_download" in r["error"] for r in failed)
+
+
+@pytest.mark.parametrize("image_as", ["bytes", "struct", "path"])
+def test_parquet_with_image_column(tmp_path, ray_session, image_as):
+    keys = write_parquet_dataset(tmp_path / "in", 9, image_as=image_as, files=2)
+    cfg = make_config(tmp_path / "in", tmp_path / "out", input={"path": str(tmp_path / "in"), "unit_size": 4})
+    summary = run_pipeline(cfg, progress=False)
+    assert summary.units_total >= 3  # files are sliced into units of unit_size rows
+    table = check_contract(tmp_path / "out", keys, n_captions=2)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, ray_session):
+    keys = write_hf_dataset(tmp_path / "in", 7)
+    run_pipeline(make_config(tmp_path / "in", tmp_path / "out"), progress=False)
+    check_contract(tmp_path / "out", keys, n_captions=2)
+
+
+def test_image_folder(tmp_path, ray_session):
+    keys = write_image_folder(tmp_path / "in", 7)
+    cfg = make_config(tmp_path / "in", tmp_path / "out", input={"path": str(tmp_path / "in"), "unit_size": 3})
+    run_pipeline(cfg, progress=False)
+    table = check_contract(tmp_path / "out", keys, n_captions=2)
+    assert len(set(table.column("unit").to_pylist())) == 3
+
+
+def test_each_tiny_family_generates_through_the_hf_engine(tmp_path, ray_session):
+    keys = write_webdataset_dir(tmp_path / "in", 6, shard_size=3)
+    models = [
+        {"path": f"tiny-{family}", "engine": "hf", "prompts": prompts, "batch_size": 4, "num_cpus": 0.25}
+        for family, prompts in (("llava", ["detailed", "short"]), ("instructblip", ["short"]), ("blip2", ["short"]))
+    ]
+    cfg = make_config(tmp_path / "in", tmp_path / "out", models, generation={"max_new_tokens": 6})
+    summary = run_pipeline(cfg, progress=False)
+    assert summary.ok == 6 and summary.tokens > 0
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert sorted(r["key"] for r in rows) == keys
+    for row in rows:
+        order = [(c["model"], c["prompt"]) for c in row["captions"]]
+        assert order == [
+            ("tiny-llava", "detailed"),
+            ("tiny-llava", "short"),
+            ("tiny-instructblip", "short"),
+            ("tiny-blip2", "short"),
+        ]
+        for c in row["captions"]:
+            assert 0 < c["n_tokens"] <= 6 and c["finish_reason"] in ("stop", "length")
+
+
+def test_output_opens_with_common_readers_and_rerun_does_no_work(tmp_path, ray_session):
+    import datasets
+    import duckdb
+    import pandas as pd
+
+    keys = write_webdataset_dir(tmp_path / "in", 8, shard_size=3)
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "in", out)
+    first = run_pipeline(cfg, progress=False)
+    assert (first.units_done, first.rows) == (3, 8)
+    assert sorted(pd.read_parquet(out)["key"]) == keys
+    hf = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    assert sorted(hf["key"]) == keys and hf[0]["captions"][0]["sub_captions"]
+    n = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet') where status = 'ok'").fetchall()[0][0]
+    assert n == 8
+    assert sorted(p.name for p in (out / "_done").iterdir()) == ["00000.json", "00001.json", "00002.json"]
+    before = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+
+    second = run_pipeline(cfg, progress=False)
+    assert (second.units_done, second.units_skipped, second.rows) == (0, 3, 0)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
