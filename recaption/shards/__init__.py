@@ -36,3 +36,4 @@ class SourceRecord:
     url: str | None = None
     alt_text: str | None = None
     error: str | None = None  # set when the reader already knows the row cannot be used (null image, bad member)
+    source: str | None = None  # the row's own file relative to the input root where it is not the unit's (folders)
