@@ -156,3 +156,17 @@ def test_output_opens_with_common_readers_and_rerun_does_no_work(tmp_path, ray_s
     second = run_pipeline(cfg, progress=False)
     assert (second.units_done, second.units_skipped, second.rows) == (0, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+
+
+def test_object_storage_in_and_out(tmp_path, ray_session, s3_endpoint):
+    src = f"s3://bucket/pipeline/in?{s3_endpoint}"
+    dst = f"s3://bucket/pipeline/out?{s3_endpoint}"
+    keys = write_webdataset_dir(src, 5, shard_size=3)
+    cfg = make_config(src, dst)
+    assert run_pipeline(cfg, progress=False).rows == 5
+    from recaption.shards.fs import resolve
+
+    fs, root = resolve(dst)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
+    assert sorted(table.column("key").to_pylist()) == keys
+    assert run_pipeline(cfg, progress=False).units_skipped == 2

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
-import pyarrow.fs as pafs
 import pytest
 
 from recaption.config import InputConfig
@@ -12,35 +9,6 @@ from recaption.errors import InputError
 from recaption.shards.plan import plan_units
 from recaption.shards.read import read_unit
 from tests.data import make_image, write_webdataset_dir
-
-try:
-    from moto.server import ThreadedMotoServer
-except ImportError:  # moto[server] is a dev extra
-    ThreadedMotoServer = None
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    if ThreadedMotoServer is None:
-        pytest.skip("moto[server] is not installed: pip install 'moto[server]' to run the S3 test")
-    for name, value in [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]:
-        monkeypatch.setenv(name, value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"127.0.0.1:{port}"
-        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir("bucket")
-        yield f"endpoint_override={endpoint}&scheme=http"
-    finally:
-        server.stop()
 
 
 def test_webdataset_on_s3(s3_endpoint):
