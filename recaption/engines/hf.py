@@ -37,6 +37,7 @@ class HFCaptioner:
         import transformers
 
         self.model_id = model.id
+        transformers.utils.logging.disable_progress_bar()  # one bar per actor per load is noise in a pipeline log
         self.gen = model.generation or GenerationConfig()
         self.batch_size = model.batch_size
         self.info = resolve_model(model.path, model.family, model.revision)
