@@ -59,7 +59,30 @@ class GenerationConfig(Strict):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: list[str] = Field(default_factory=list, description="Generation ends at any of these strings")
+    n: int = Field(1, gt=0, description="Captions per (image, prompt); more than 1 needs temperature > 0")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _n_needs_sampling(self) -> GenerationConfig:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 with temperature 0 would give n identical greedy captions; set temperature > 0")
+        return self
+
+
+class VLLMOptions(Strict):
+    """`vllm.LLM` engine arguments of one model (engine: vllm)."""
+
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine; each actor reserves this many")
+    max_model_len: int | None = Field(None, gt=0, description="Context length; default: the model's")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU vLLM may take")
+    max_num_seqs: int | None = Field(None, gt=0, description="Sequences batched at once; default: vLLM's")
+    enforce_eager: bool = Field(False, description="No CUDA graphs: faster start, slower decode")
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 1})
+    seed: int | None = Field(None, description="Engine seed; default: generation.seed")
+    quantization: str | None = Field(None, description="awq, gptq, fp8 … as vLLM names them")
+    download_dir: str | None = Field(None, description="Where vLLM downloads weights (a shared model cache)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.LLM argument, passed as is")
 
 
 class ModelConfig(Strict):
@@ -76,14 +99,40 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     revision: str | None = None
     generation: GenerationConfig | None = Field(None, description="Overrides the top-level `generation`")
-    concurrency: int = Field(1, gt=0, description="Actors in this model's pool")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    concurrency: int | Literal["auto"] = Field(
+        1, description="Actors in this model's pool; auto: every GPU (of accelerator_type) the cluster has"
+    )
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs each actor reserves (fractional on small machines)")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each actor reserves (fractional for small models)")
+    num_gpus: float | None = Field(
+        None, ge=0.0, description="GPUs each actor reserves; default: vllm.tensor_parallel_size for vllm, else 0"
+    )
+    accelerator_type: str | None = Field(None, description="Only GPUs of this Ray accelerator type (A100, H100 …)")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of this model's actors")
     fake_delay_s: float = Field(0.0, ge=0.0, description="fake engine only: seconds per image, to model cost")
 
     @property
     def id(self) -> str:
         return self.name or self.path.rstrip("/").split("/")[-1]
+
+    @property
+    def gpus_per_actor(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return float(self.vllm.tensor_parallel_size) if self.engine == "vllm" else 0.0
+
+    @model_validator(mode="after")
+    def _gpu_sharing_fits(self) -> ModelConfig:
+        if self.engine != "vllm" or self.num_gpus is None:
+            return self
+        tp = self.vllm.tensor_parallel_size
+        if tp > 1 and self.num_gpus != tp:
+            raise ValueError(f"num_gpus must equal vllm.tensor_parallel_size ({tp}) when the engine spans GPUs")
+        if 0 < self.num_gpus < 1 and self.vllm.gpu_memory_utilization > self.num_gpus:
+            raise ValueError(
+                f"actors sharing a GPU (num_gpus {self.num_gpus}) need vllm.gpu_memory_utilization <= {self.num_gpus}"
+            )
+        return self
 
 
 class PostprocessConfig(Strict):

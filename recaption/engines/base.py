@@ -28,7 +28,10 @@ class Captioner(Protocol):
     model_id: str
 
     def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
-        """Returns one Generation per (image, prompt) pair, in order."""
+        """Returns `generation.n` Generations per (image, prompt) pair, in request order, the n of a pair together.
+
+        A failure of one request is a Generation with `finish_reason="error"` and `error` set, not an exception.
+        """
         ...
 
     def versions(self) -> dict[str, str]:
