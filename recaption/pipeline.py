@@ -49,12 +49,13 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> RunSummary:
     done = out.done_units()
     todo = [u for u in units if u.unit not in done]
     summary = RunSummary(output=cfg.output.path, units_total=len(units), units_skipped=len(units) - len(todo))
-    run_meta = run_metadata(cfg)
-    out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     if not todo:
         return summary
+    placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
+    run_meta = run_metadata(cfg, prompt_texts)
+    out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     start = time.time()
-    ds = build_dataset(cfg, todo, prompt_texts, run_meta)
+    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements)
     bar = progress_bar(len(todo), progress)
     for row in ds.iter_rows():
         summary.units_done += 1
@@ -70,13 +71,23 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> RunSummary:
     return summary
 
 
-def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict[str, str], run_meta: dict):
+def place_models(cfg: PipelineConfig) -> list[dict]:
+    """Starts or joins Ray and sizes every model's actor pool against the cluster's resources."""
+    import ray
+
+    from recaption.placement import actor_options
+
+    init_ray(cfg)
+    nodes = ray.nodes()
+    return [actor_options(model, nodes) for model in cfg.models]
+
+
+def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta: dict, placements: list[dict]):
     """The Ray Data job: one row per unit throughout, one actor pool per model."""
     import ray.data
 
     from recaption.stages import CaptionStage, CommitStage, ReadStage, run_as_task
 
-    init_ray(cfg)
     ds = ray.data.from_items([u.to_dict() for u in units], override_num_blocks=len(units))
     common = {"batch_size": 1, "batch_format": "pyarrow", "zero_copy_batch": True}
     ds = ds.map_batches(
@@ -88,13 +99,11 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict[str, str]
         num_cpus=cfg.ray.read_num_cpus,
         **common,
     )
-    for model in cfg.models:
+    for model, placement in zip(cfg.models, placements, strict=True):
         ds = ds.map_batches(
             CaptionStage,
             fn_constructor_kwargs={"model_cfg": model.model_dump(), "prompt_texts": prompt_texts},
-            compute=ray.data.ActorPoolStrategy(size=model.concurrency),
-            num_cpus=model.num_cpus,
-            num_gpus=model.num_gpus,
+            **placement,
             **common,
         )
     commit_kwargs = {
@@ -145,15 +154,15 @@ def check_models(cfg: PipelineConfig) -> None:
         raise ConfigError(f"output.path: must differ from input.path ({cfg.input.path})")
 
 
-def run_metadata(cfg: PipelineConfig) -> dict:
-    """Config, its hash and package versions, stored in every output file and in _run.json."""
+def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
+    """Config, its hash, the prompt texts by name and package versions: in every output file and in _run.json."""
     versions = {"python": sys.version.split()[0]}
     for pkg in ("recaption", "ray", "pyarrow", "pillow", "transformers", "torch", "vllm"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
-    return {"config": cfg.resolved(), "config_hash": cfg.hash(), "versions": versions}
+    return {"config": cfg.resolved(), "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}
 
 
 def progress_bar(total: int, enabled: bool):

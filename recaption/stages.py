@@ -110,6 +110,7 @@ class CaptionStage:
         self.model = ModelConfig.model_validate(model_cfg)
         self.prompt_texts = prompt_texts
         self.captioner = build_captioner(self.model)
+        self.n = self.model.generation.n
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
@@ -145,9 +146,11 @@ class CaptionStage:
                 for i in todo:
                     rows[i].update(status="failed", error=error)
                 todo = []
+            per_image = len(names) * self.n
             for n, i in enumerate(todo):
                 for k, name in enumerate(names):
-                    self.append(rows[i], name, gens[n * len(names) + k])
+                    for j in range(self.n):
+                        self.append(rows[i], name, gens[n * per_image + k * self.n + j])
         return pa.Table.from_pylist(rows, schema=table.schema)
 
     def append(self, row: dict, prompt: str, gen) -> None:

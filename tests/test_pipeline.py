@@ -170,3 +170,24 @@ def test_object_storage_in_and_out(tmp_path, ray_session, s3_endpoint):
     table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
     assert sorted(table.column("key").to_pylist()) == keys
     assert run_pipeline(cfg, progress=False).units_skipped == 2
+
+
+def test_several_samples_per_prompt_keep_model_and_prompt_order(tmp_path, ray_session):
+    keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=4)
+    models = [
+        {**FAKE, "name": "a", "prompts": ["short", "objects"]},
+        {**FAKE, "name": "b", "prompts": ["style"], "generation": {"n": 2, "temperature": 0.8}},
+    ]
+    cfg = make_config(tmp_path / "in", tmp_path / "out", models)
+    run_pipeline(cfg, progress=False)
+    rows = check_contract(tmp_path / "out", keys, n_captions=4).to_pylist()
+    for row in rows:
+        assert [(c["model"], c["prompt"]) for c in row["captions"]] == [
+            ("a", "short"),
+            ("a", "objects"),
+            ("b", "style"),
+            ("b", "style"),
+        ]
+        assert row["captions"][2]["text"] != row["captions"][3]["text"]
+    meta = read_run_metadata(str(next((tmp_path / "out").glob("part-*.parquet"))))
+    assert set(meta["prompts"]) == {"short", "objects", "style"} and meta["prompts"]["style"].startswith("Describe")

@@ -24,6 +24,7 @@ class FakeCaptioner:
     def __init__(self, model: ModelConfig) -> None:
         self.model_id = model.id
         self.delay_s = model.fake_delay_s
+        self.n = model.generation.n if model.generation else 1
 
     def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
         if len(images) != len(prompts):
@@ -32,8 +33,9 @@ class FakeCaptioner:
         for image, prompt in zip(images, prompts, strict=True):
             if self.delay_s:
                 time.sleep(self.delay_s)
-            text = fake_caption(image, prompt)
-            out.append(Generation(text=text, n_tokens=len(text.split()), finish_reason="stop"))
+            for sample in range(self.n):
+                text = fake_caption(image, prompt if sample == 0 else f"{prompt}#{sample}")
+                out.append(Generation(text=text, n_tokens=len(text.split()), finish_reason="stop"))
         return out
 
     def versions(self) -> dict[str, str]:

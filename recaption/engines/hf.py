@@ -117,14 +117,18 @@ class HFCaptioner:
         inputs = {k: _to(v, self.device, self.dtype) for k, v in encoding.items()}
         # Seeded per batch (by its first item's index), so one failed or retried batch leaves the others' draws alone.
         torch.manual_seed(seed)
+        stop = {"tokenizer": self.tokenizer} if self.gen.stop else {}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=self._generation_config())
-        new_tokens = self._new_tokens(output, inputs.get("input_ids"))
+            output = self.model.generate(**inputs, generation_config=self._generation_config(), **stop)
+        input_ids = inputs.get("input_ids")
+        if input_ids is not None and self.gen.n > 1:
+            input_ids = input_ids.repeat_interleave(self.gen.n, dim=0)  # num_return_sequences rows per input
         results = []
-        for row in new_tokens.tolist():
-            n, reason = count_tokens(row, self.eos_ids)
+        for row in self._new_tokens(output, input_ids).tolist():
+            n, reason = count_tokens(row, self.eos_ids, self.pad_id)
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            results.append(Generation(text=text, n_tokens=n, finish_reason=reason))
+            text, stopped = cut_at_stop(text, self.gen.stop)
+            results.append(Generation(text=text, n_tokens=n, finish_reason="stop" if stopped else reason))
         return results
 
     def _format(self, prompt: str) -> str:
@@ -138,6 +142,8 @@ class HFCaptioner:
         config.repetition_penalty = self.gen.repetition_penalty
         config.pad_token_id = self.pad_id
         config.num_beams = 1
+        config.num_return_sequences = self.gen.n
+        config.stop_strings = self.gen.stop or None
         if self.gen.temperature > 0:
             # Plain nucleus sampling like vLLM's; transformers would add top_k=50 otherwise.
             config.update(do_sample=True, temperature=self.gen.temperature, top_p=self.gen.top_p, top_k=0)
@@ -157,13 +163,22 @@ class HFCaptioner:
         return output
 
 
-def count_tokens(row: list[int], eos_ids: set[int]) -> tuple[int, str]:
-    """(generated tokens up to and including the first EOS, finish reason). Padding only ever follows an EOS,
-    so a row without one ran until max_new_tokens: `length`."""
+def count_tokens(row: list[int], eos_ids: set[int], pad_id: int | None = None) -> tuple[int, str]:
+    """(generated tokens up to and including the first EOS, finish reason). A row without EOS either ran until
+    max_new_tokens (`length`) or was ended by a stop string and padded after it (`stop`, padding not counted)."""
     for i, token in enumerate(row):
         if token in eos_ids:
             return i + 1, "stop"
-    return len(row), "length"
+    n = len(row)
+    while pad_id is not None and n and row[n - 1] == pad_id:
+        n -= 1
+    return n, "length" if n == len(row) else "stop"
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded, as vLLM returns it), and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)].rstrip(), True) if cuts else (text, False)
 
 
 def _eos_ids(*values: int | list[int] | None) -> set[int]:

@@ -129,3 +129,37 @@ def test_unloadable_checkpoint_is_an_engine_error(tiny, tmp_path):
     (tmp_path / "config.json").write_text((tiny["blip2"] / "config.json").read_text())  # config, no weights
     with pytest.raises(EngineError, match="cannot load"):
         HFCaptioner(ModelConfig(path=str(tmp_path)))
+
+
+def test_count_tokens_after_a_stop_string_excludes_padding():
+    assert count_tokens([5, 6, 3, 3], {2}, pad_id=3) == (2, "stop")
+    assert count_tokens([5, 6, 7], {2}, pad_id=3) == (3, "length")
+
+
+def test_cut_at_stop():
+    from recaption.engines.hf import cut_at_stop
+
+    assert cut_at_stop("a red cube. ### more", ["###", "more"]) == ("a red cube.", True)
+    assert cut_at_stop("a red cube.", ["###"]) == ("a red cube.", False)
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2"])
+def test_n_samples_per_request_come_grouped(tiny, family):
+    imgs, prompts = requests()
+    gens = captioner(tiny[family], temperature=1.0, n=3, seed=1).caption(imgs[:4], prompts[:4])
+    assert len(gens) == 12 and all(g.error is None for g in gens)
+    # The 3 samples of a request differ from each other (sampling), and every group has its own.
+    groups = [[g.text for g in gens[i : i + 3]] for i in range(0, 12, 3)]
+    assert all(len(set(group)) > 1 for group in groups)
+
+
+def test_stop_strings_end_generation(tiny):
+    imgs, prompts = requests()
+    free = captioner(tiny["llava"]).caption(imgs[:4], prompts[:4])
+    # A stop string taken from the middle of a free generation must cut it there.
+    word = next(g.text.split()[1] for g in free if len(g.text.split()) > 2)
+    stopped = captioner(tiny["llava"], stop=[word]).caption(imgs[:4], prompts[:4])
+    for f, s in zip(free, stopped, strict=True):
+        if word in f.text:
+            assert s.finish_reason == "stop" and word not in s.text and f.text.startswith(s.text)
+            assert s.n_tokens <= f.n_tokens

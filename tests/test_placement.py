@@ -1,0 +1,57 @@
+"""Caption-actor placement: pool sizes from config or from the cluster's GPUs, and each actor's resources."""
+
+import pytest
+
+from recaption.config import ModelConfig
+from recaption.errors import ConfigError
+from recaption.placement import actor_options, cluster_gpus, pool_size
+
+NODES = [
+    {"Alive": True, "Resources": {"CPU": 16.0}},  # head, no GPUs
+    {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0, "accelerator_type:A100": 1.0}},
+    {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 4.0, "accelerator_type:H100": 1.0}},
+    {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0}},  # dead: not counted
+]
+
+
+def vllm(**kw) -> ModelConfig:
+    return ModelConfig(path="m", engine="vllm", **kw)
+
+
+def test_cluster_gpus_by_kind():
+    assert cluster_gpus(NODES) == 12
+    assert cluster_gpus(NODES, "H100") == 4
+    assert cluster_gpus(NODES, "L4") == 0
+
+
+def test_auto_pool_fills_the_gpus_of_a_kind():
+    assert pool_size(vllm(concurrency="auto"), NODES) == 12
+    assert pool_size(vllm(concurrency="auto", vllm={"tensor_parallel_size": 2}), NODES) == 6
+    assert pool_size(vllm(concurrency="auto", accelerator_type="H100", vllm={"tensor_parallel_size": 4}), NODES) == 1
+    # Two small models per GPU: half a GPU each, with half its memory.
+    half = vllm(concurrency="auto", num_gpus=0.5, vllm={"gpu_memory_utilization": 0.45})
+    assert pool_size(half, NODES) == 24
+    assert pool_size(vllm(concurrency=3), NODES) == 3
+
+
+def test_auto_pool_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="fewer than one actor"):
+        pool_size(vllm(concurrency="auto", accelerator_type="H100", vllm={"tensor_parallel_size": 8}), NODES)
+    with pytest.raises(ConfigError, match="auto sizes GPU pools"):
+        pool_size(ModelConfig(path="m", engine="hf", concurrency="auto"), NODES)
+
+
+def test_gpu_sharing_must_leave_memory_and_tp_reserves_its_gpus():
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        vllm(num_gpus=0.5)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        vllm(num_gpus=1, vllm={"tensor_parallel_size": 2})
+
+
+def test_actor_options():
+    opts = actor_options(vllm(concurrency=2, accelerator_type="A100", env={"VLLM_X": "1"}), NODES)
+    assert opts["num_gpus"] == 1.0 and opts["accelerator_type"] == "A100"
+    assert opts["runtime_env"] == {"env_vars": {"VLLM_X": "1"}}
+    assert opts["compute"].min_size == opts["compute"].max_size == 2
+    cpu = actor_options(ModelConfig(path="m", engine="hf", num_cpus=0.25), NODES)
+    assert cpu["num_gpus"] == 0.0 and cpu["num_cpus"] == 0.25 and "runtime_env" not in cpu
