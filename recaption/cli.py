@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=48, help="how many images to generate")
     demo.set_defaults(func=cmd_demo)
 
+    models = sub.add_parser("models", help="list the model registry (names usable as a model's `path`)")
+    models.set_defaults(func=cmd_models)
+
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight model (tests, demo) into a directory")
     tiny.add_argument("out", help="directory to save the model and processor to")
     tiny.add_argument("--family", choices=["llava", "instructblip", "blip2"], default="llava")
@@ -68,6 +71,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from recaption.demo import run_demo
 
     return run_demo(args.out, n_images=args.images)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from recaption.models import REGISTRY
+
+    rows = [("name", "family", "engine", "checkpoint")]
+    for name, entry in REGISTRY.items():
+        source = entry.get("repo") or f"built locally (recaption tiny-model --family {entry['tiny']})"
+        rows.append(
+            (name, entry["family"], entry["engine"], source + (f"  [{entry['note']}]" if "note" in entry else ""))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    print("\nAny Hugging Face repo id or local checkpoint directory works too; its family is read from config.json.")
+    return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

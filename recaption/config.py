@@ -90,7 +90,9 @@ class ModelConfig(Strict):
 
     name: str | None = Field(None, description="Id stored in captions.model; default: the registry name or path")
     path: str = Field(description="Registry name, Hugging Face repo id or local checkpoint directory")
-    engine: EngineName = "hf"
+    engine: EngineName = Field(
+        None, validate_default=False, description="hf, vllm or fake; default: the registry entry's engine, else hf"
+    )
     family: str = Field("auto", description="llava, instructblip, blip2 …; auto reads config.json `architectures`")
     prompts: list[str] = Field(default_factory=lambda: ["detailed"], min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -120,6 +122,23 @@ class ModelConfig(Strict):
         if self.num_gpus is not None:
             return self.num_gpus
         return float(self.vllm.tensor_parallel_size) if self.engine == "vllm" else 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_defaults(cls, data: Any) -> Any:
+        """A registry name brings its default engine, revision and context length unless the config sets them."""
+        from recaption.models import REGISTRY
+
+        if not isinstance(data, dict) or data.get("path") not in REGISTRY:
+            return {"engine": "hf", **data} if isinstance(data, dict) and data.get("engine") is None else data
+        entry = REGISTRY[data["path"]]
+        data = {**data, "engine": data.get("engine") or entry["engine"]}
+        if entry.get("revision") and not data.get("revision"):
+            data["revision"] = entry["revision"]
+        vllm = dict(data.get("vllm") or {})
+        if entry.get("max_model_len") and "max_model_len" not in vllm:
+            data["vllm"] = {**vllm, "max_model_len": entry["max_model_len"]}
+        return data
 
     @model_validator(mode="after")
     def _gpu_sharing_fits(self) -> ModelConfig:

@@ -24,11 +24,12 @@ GENERIC_FAMILY = "chat"
 FAMILIES = frozenset(ARCHITECTURE_FAMILIES.values()) | {GENERIC_FAMILY}
 
 # Named models a config may use as `path`. `repo` is a Hugging Face repo id; `engine` the default engine.
-REGISTRY: dict[str, dict[str, str]] = {
-    "llava-1.5-7b": {"repo": "llava-hf/llava-1.5-7b-hf", "family": "llava", "engine": "vllm"},
-    "llava-1.5-13b": {"repo": "llava-hf/llava-1.5-13b-hf", "family": "llava", "engine": "vllm"},
+REGISTRY: dict[str, dict[str, Any]] = {
+    "llava-1.5-7b": {"repo": "llava-hf/llava-1.5-7b-hf", "family": "llava", "engine": "vllm", "max_model_len": 4096},
+    "llava-1.5-13b": {"repo": "llava-hf/llava-1.5-13b-hf", "family": "llava", "engine": "vllm", "max_model_len": 4096},
+    # vLLM has no InstructBLIP: it runs on the hf engine (batched, bf16 on GPU).
     "instructblip-vicuna-7b": {"repo": "Salesforce/instructblip-vicuna-7b", "family": "instructblip", "engine": "hf"},
-    "blip2-opt-2.7b": {"repo": "Salesforce/blip2-opt-2.7b", "family": "blip2", "engine": "vllm"},
+    "blip2-opt-2.7b": {"repo": "Salesforce/blip2-opt-2.7b", "family": "blip2", "engine": "vllm", "max_model_len": 2048},
     "sharegpt4v-7b": {"repo": "Lin-Chen/ShareGPT4V-7B", "family": "sharegpt4v", "engine": "vllm"},
     # Tiny random-weight models built locally on first use (recaption/tiny.py): the demo and tests.
     "tiny-llava": {"tiny": "llava", "family": "llava", "engine": "hf"},

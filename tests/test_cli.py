@@ -87,3 +87,10 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0 and "recaption" in capsys.readouterr().out
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "sharegpt4v-7b", "blip2-opt-2.7b"):
+        assert name in out

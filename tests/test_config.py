@@ -67,3 +67,18 @@ def test_yaml_file_errors(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_registry_name_brings_engine_and_context_defaults():
+    from recaption.config import ModelConfig
+
+    llava = ModelConfig(path="llava-1.5-7b")
+    assert llava.engine == "vllm" and llava.vllm.max_model_len == 4096 and llava.gpus_per_actor == 1.0
+    assert ModelConfig(path="instructblip-vicuna-7b").engine == "hf"  # vLLM has no InstructBLIP
+    assert ModelConfig(path="llava-1.5-7b", engine="hf", vllm={"max_model_len": 1024}).vllm.max_model_len == 1024
+    assert ModelConfig(path="some/repo").engine == "hf"
+
+
+def test_n_above_one_needs_sampling():
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(None, ["generation.n=3"], data=BASE)
