@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set input.path=/data/shards (repeatable)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's output in output.path written with another config",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the whole pipeline on generated images with a tiny local model")
@@ -62,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recaption.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_pipeline(cfg, progress=not args.no_progress)
+    summary = run_pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     print_summary(summary)
     return 1 if summary.unit_errors else 0
 

@@ -85,6 +85,15 @@ class VLLMOptions(Strict):
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.LLM argument, passed as is")
 
 
+class FakeOptions(Strict):
+    """The fake engine's knobs (engine: fake; data-plane tests and benchmarks only)."""
+
+    delay_s: float = Field(0.0, ge=0.0, description="Seconds per image, to model an engine's cost")
+    raise_on_width: int | None = Field(None, description="Raise when a batch holds an image this wide")
+    crash_on_width: int | None = Field(None, description="Kill the actor's process on an image this wide")
+    loop_on_width: int | None = Field(None, description="Write a repetition loop for an image this wide, unpenalised")
+
+
 class ModelConfig(Strict):
     """One captioner: which model, which engine, which prompts, and how many actors run it."""
 
@@ -111,7 +120,10 @@ class ModelConfig(Strict):
     )
     accelerator_type: str | None = Field(None, description="Only GPUs of this Ray accelerator type (A100, H100 …)")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of this model's actors")
-    fake_delay_s: float = Field(0.0, ge=0.0, description="fake engine only: seconds per image, to model cost")
+    max_unit_attempts: int = Field(
+        3, gt=0, description="Times a unit may crash this model's actor before its rows are committed as failed"
+    )
+    fake: FakeOptions = Field(default_factory=lambda: FakeOptions())
 
     @property
     def id(self) -> str:
@@ -162,6 +174,15 @@ class PostprocessConfig(Strict):
     repetition_threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="Flag `repetition` when repeated n-grams exceed this fraction"
     )
+    degenerate: Literal["keep", "drop", "regenerate"] = Field(
+        "keep",
+        description="Captions with a degenerate flag: keep them flagged, drop their text (flag `dropped`), or "
+        "generate them once more with a repetition penalty (flag `regenerated`)",
+    )
+    degenerate_flags: list[Literal["repetition", "empty", "truncated"]] = Field(
+        default_factory=lambda: ["repetition", "empty"], description="Flags that make a caption degenerate"
+    )
+    regenerate_repetition_penalty: float = Field(1.3, gt=1.0, description="Penalty of the second generation")
 
 
 class OutputConfig(Strict):
@@ -178,9 +199,6 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of an auto-started local Ray (default: all)")
     read_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each read+decode task reserves")
     write_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each clean+commit task reserves")
-    max_units_in_flight: int | None = Field(
-        None, gt=0, description="Bound on units read ahead of the caption stage (default: 2 per caption actor)"
-    )
 
 
 class PipelineConfig(Strict):
@@ -215,7 +233,32 @@ class PipelineConfig(Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        return config_hash(self.resolved())
+        """Hash of what decides the output's content; where and how fast it runs (pools, Ray, trial limits,
+        compression) is left out, so resizing a cluster mid-job does not refuse the resume."""
+        data = self.resolved()
+        data.pop("ray")
+        data.pop("output")
+        data["input"].pop("max_units")
+        for model in data["models"]:
+            for key in RUNTIME_MODEL_KEYS:
+                model.pop(key, None)
+            for key in RUNTIME_VLLM_KEYS:
+                model["vllm"].pop(key, None)
+        return config_hash(data)
+
+
+# Model settings that change where or how fast captions are made, not what they say.
+RUNTIME_MODEL_KEYS = (
+    "concurrency",
+    "num_cpus",
+    "num_gpus",
+    "accelerator_type",
+    "env",
+    "batch_size",
+    "device",
+    "max_unit_attempts",
+)
+RUNTIME_VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "download_dir")
 
 
 def config_hash(data: dict[str, Any]) -> str:

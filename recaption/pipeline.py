@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -37,16 +38,22 @@ class RunSummary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> RunSummary:
-    """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped."""
+def run_pipeline(cfg: PipelineConfig, progress: bool = True, overwrite: bool = False) -> RunSummary:
+    """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped.
+
+    An output written with another config is refused unless `overwrite`, which deletes it first."""
     from recaption.shards.plan import plan_units
 
     prompt_texts = resolve_prompts(cfg)
     check_models(cfg)
+    check_paths(cfg)
     units = plan_units(cfg.input)
     out = open_output(cfg.output.path)
     out.prepare()
+    if overwrite:
+        out.clear()
     done = out.done_units()
+    check_same_config(cfg, out, done)
     todo = [u for u in units if u.unit not in done]
     summary = RunSummary(output=cfg.output.path, units_total=len(units), units_skipped=len(units) - len(todo))
     if not todo:
@@ -86,7 +93,8 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
     """The Ray Data job: one row per unit throughout, one actor pool per model."""
     import ray.data
 
-    from recaption.stages import CaptionStage, CommitStage, ReadStage, run_as_task
+    from recaption.captioning import CaptionStage
+    from recaption.stages import CommitStage, ReadStage, run_as_task
 
     ds = ray.data.from_items([u.to_dict() for u in units], override_num_blocks=len(units))
     common = {"batch_size": 1, "batch_format": "pyarrow", "zero_copy_batch": True}
@@ -102,7 +110,12 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
     for model, placement in zip(cfg.models, placements, strict=True):
         ds = ds.map_batches(
             CaptionStage,
-            fn_constructor_kwargs={"model_cfg": model.model_dump(), "prompt_texts": prompt_texts},
+            fn_constructor_kwargs={
+                "model_cfg": model.model_dump(),
+                "prompt_texts": prompt_texts,
+                "post_cfg": cfg.postprocess.model_dump(),
+                "output_path": cfg.output.path,
+            },
             **placement,
             **common,
         )
@@ -110,8 +123,7 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
         "output_path": cfg.output.path,
         "compression": cfg.output.compression,
         "run_meta": run_meta,
-        "prompt_texts": prompt_texts,
-        "post_cfg": cfg.postprocess.model_dump(),
+        "model_ids": [m.id for m in cfg.models],
     }
     return ds.map_batches(
         run_as_task,
@@ -150,8 +162,42 @@ def check_models(cfg: PipelineConfig) -> None:
     for m in cfg.models:
         if m.engine != "fake":
             resolve_model(m.path, family=m.family, revision=m.revision)
-    if cfg.output.path.rstrip("/") == cfg.input.path.rstrip("/"):
-        raise ConfigError(f"output.path: must differ from input.path ({cfg.input.path})")
+
+
+def check_paths(cfg: PipelineConfig) -> None:
+    """The output may not lie inside the input: the next plan would read the pipeline's own files as input."""
+    from recaption.shards.fs import resolve
+
+    in_fs, in_path = resolve(cfg.input.path)
+    out_fs, out_path = resolve(cfg.output.path)
+    if type(in_fs) is type(out_fs) and (out_path.rstrip("/") + "/").startswith(in_path.rstrip("/") + "/"):
+        raise ConfigError(f"output.path {cfg.output.path} lies inside input.path {cfg.input.path}; choose another")
+
+
+def check_same_config(cfg: PipelineConfig, out, done: dict[str, dict]) -> None:
+    """Units written with another config must not be mixed with new ones."""
+    other = sorted({m.get("config_hash") for m in done.values()} - {cfg.hash()})
+    if not other:
+        return
+    changed = ""
+    if out.fs.get_file_info(out.path(RUN_INFO)).is_file:
+        previous = json.loads(out.read_bytes(out.path(RUN_INFO))).get("config", {})
+        keys = changed_keys(previous, cfg.resolved())
+        changed = f" (changed: {', '.join(keys[:8])})" if keys else ""
+    raise ConfigError(
+        f"output.path {cfg.output.path} holds {len(done)} units written with another config{changed}; "
+        "rerun with --overwrite to replace them, or choose a new output.path"
+    )
+
+
+def changed_keys(a: object, b: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [k for i, (x, y) in enumerate(zip(a, b, strict=True)) for k in changed_keys(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:

@@ -1,4 +1,4 @@
-"""The pipeline's stages, each mapping one work unit to one work unit: read+decode, caption, clean, commit.
+"""The pipeline's CPU stages and the unit payload: read+decode, and commit (captioning is in captioning.py).
 
 A unit travels between stages as one row: its id, its start time, and its records as an Arrow IPC stream
 (`payload`), so Ray never splits a unit and images stay encoded bytes until the stage that needs pixels.
@@ -13,9 +13,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from recaption.config import ImageConfig, InputConfig, ModelConfig, PostprocessConfig
+from recaption.config import ImageConfig, InputConfig
 from recaption.errors import ImageError
-from recaption.writer import CAPTION_TYPE, OUTPUT_SCHEMA
+from recaption.writer import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -101,107 +101,30 @@ class ReadStage:
         return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))
 
 
-class CaptionStage:
-    """Captions every ok image × prompt of a unit with one model (an actor holding one engine)."""
-
-    def __init__(self, model_cfg: dict, prompt_texts: dict[str, str]):
-        from recaption.engines.base import build_captioner
-
-        self.model = ModelConfig.model_validate(model_cfg)
-        self.prompt_texts = prompt_texts
-        self.captioner = build_captioner(self.model)
-        self.n = self.model.generation.n
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in batch.to_pylist():
-            if row["error"]:
-                out.append(row)
-                continue
-            table = self.caption(from_ipc(row["payload"]))
-            out.append(unit_row(row["unit"], row["t_start"], table))
-        return rows_table(out)
-
-    def caption(self, table: pa.Table) -> pa.Table:
-        from recaption.images import load_rgb
-
-        rows = table.to_pylist()
-        todo, images = [], []
-        for i, row in enumerate(rows):
-            if row["status"] != "ok":
-                continue
-            try:
-                images.append(load_rgb(row["image"]))
-                todo.append(i)
-            except Exception as e:  # validated in ReadStage, so this is unexpected; fail the row, not the unit
-                row.update(status="failed", error=f"decode before captioning: {describe(e)}")
-        names = self.model.prompts
-        if todo:
-            pairs = [(img, name) for img in images for name in names]
-            try:
-                gens = self.captioner.caption([p[0] for p in pairs], [self.prompt_texts[p[1]] for p in pairs])
-            except Exception as e:
-                log.error("model %s failed on a unit: %s", self.model.id, traceback.format_exc())
-                error = f"model {self.model.id}: {describe(e)}"
-                for i in todo:
-                    rows[i].update(status="failed", error=error)
-                todo = []
-            per_image = len(names) * self.n
-            for n, i in enumerate(todo):
-                for k, name in enumerate(names):
-                    for j in range(self.n):
-                        self.append(rows[i], name, gens[n * per_image + k * self.n + j])
-        return pa.Table.from_pylist(rows, schema=table.schema)
-
-    def append(self, row: dict, prompt: str, gen) -> None:
-        flags = list(gen.flags)
-        if gen.error:
-            flags.append("error")
-            error = f"model {self.model.id} prompt {prompt}: {gen.error}"
-            row.update(status="failed", error=f"{row['error']}; {error}" if row["error"] else error)
-        row["captions"].append(
-            {
-                "model": self.model.id,
-                "prompt": prompt,
-                "text": gen.text,
-                "sub_captions": [],
-                "n_tokens": gen.n_tokens,
-                "finish_reason": gen.finish_reason,
-                "flags": flags,
-            }
-        )
-
-
 class CommitStage:
-    """Cleans and splits captions, then commits the unit: Parquet first, done marker after (CPU task)."""
+    """Commits a unit: Parquet first, done marker after, then forgets its attempt counts (CPU task)."""
 
-    def __init__(self, output_path: str, compression: str, run_meta: dict, prompt_texts: dict, post_cfg: dict):
+    def __init__(self, output_path: str, compression: str, run_meta: dict, model_ids: list[str]):
         from recaption.writer import open_output
 
         self.out = open_output(output_path)
         self.compression = compression
         self.run_meta = run_meta
-        self.prompt_texts = prompt_texts
-        self.post_cfg = PostprocessConfig.model_validate(post_cfg)
+        self.model_ids = model_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.commit(row) for row in batch.to_pylist()])
 
     def commit(self, row: dict) -> dict:
-        from recaption.postprocess import clean_caption
-        from recaption.writer import unit_stats
+        from recaption.captioning import attempts_name
+        from recaption.writer import ATTEMPTS_DIR, unit_stats
 
         summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"]}
         if row["error"]:
             return summary
         table = from_ipc(row["payload"])
-        captions = [
-            [clean_caption(c, self.prompt_texts.get(c["prompt"], ""), self.post_cfg) for c in caps]
-            for caps in table.column("captions").to_pylist()
-        ]
-        table = table.set_column(
-            table.schema.get_field_index("captions"), "captions", pa.array(captions, pa.list_(CAPTION_TYPE))
-        )
         stats = unit_stats(table, time.time() - row["t_start"], self.run_meta["config_hash"])
         self.out.commit_unit(row["unit"], table, self.run_meta, stats, self.compression)
+        for model_id in self.model_ids:
+            self.out.delete_if_exists(self.out.path(ATTEMPTS_DIR, attempts_name(row["unit"], model_id)))
         return summary | {k: stats[k] for k in SUMMARY_FIELDS if k in stats}

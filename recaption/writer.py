@@ -42,6 +42,7 @@ OUTPUT_SCHEMA = pa.schema(
 
 STATUSES = ("ok", "failed", "skipped")
 DONE_DIR = "_done"
+ATTEMPTS_DIR = "_attempts"
 RUN_INFO = "_run.json"
 TMP_PREFIX = ".tmp-"
 METADATA_KEY = b"recaption"
@@ -65,14 +66,25 @@ class OutputDir:
         return self.path(DONE_DIR, f"{unit}.json")
 
     def prepare(self) -> None:
-        """Creates the directory and removes temp files a killed run left behind."""
-        self.fs.create_dir(self.path(DONE_DIR), recursive=True)
+        """Creates the directories and removes temp files a killed run left behind."""
+        for directory in (self.root, self.path(DONE_DIR), self.path(ATTEMPTS_DIR)):
+            self.fs.create_dir(directory, recursive=True)
+            for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
+                if info.base_name.startswith(TMP_PREFIX):
+                    self.fs.delete_file(info.path)
+
+    def delete_if_exists(self, path: str) -> None:
+        if self.fs.get_file_info(path).is_file:
+            self.fs.delete_file(path)
+
+    def clear(self) -> None:
+        """Deletes everything an earlier run wrote here (part files, markers, run info), nothing else."""
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
-            if info.base_name.startswith(TMP_PREFIX):
+            name = info.base_name
+            if info.is_file and (name.startswith("part-") and name.endswith(".parquet") or name == RUN_INFO):
                 self.fs.delete_file(info.path)
-        for info in self.fs.get_file_info(pafs.FileSelector(self.path(DONE_DIR), recursive=False)):
-            if info.base_name.startswith(TMP_PREFIX):
-                self.fs.delete_file(info.path)
+        for sub in (DONE_DIR, ATTEMPTS_DIR):
+            self.fs.delete_dir_contents(self.path(sub), missing_dir_ok=True)
 
     def done_units(self) -> dict[str, dict]:
         """Units whose marker exists: a unit is done iff its marker exists."""
@@ -95,6 +107,7 @@ class OutputDir:
                 f.write(data)
             return
         directory, name = path.rsplit("/", 1)
+        self.fs.create_dir(directory, recursive=True)
         tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)

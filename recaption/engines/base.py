@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
-    from recaption.config import ModelConfig
+    from recaption.config import GenerationConfig, ModelConfig
 
 
 @dataclass
@@ -27,9 +27,12 @@ class Captioner(Protocol):
 
     model_id: str
 
-    def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
+    def caption(
+        self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
+    ) -> list[Generation]:
         """Returns `generation.n` Generations per (image, prompt) pair, in request order, the n of a pair together.
 
+        `generation` overrides the model's sampling settings for this call (used to regenerate degenerate output).
         A failure of one request is a Generation with `finish_reason="error"` and `error` set, not an exception.
         """
         ...

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
+from recaption.config import GenerationConfig
 from recaption.engines.base import Generation
 
 if TYPE_CHECKING:
@@ -23,19 +26,30 @@ class FakeCaptioner:
 
     def __init__(self, model: ModelConfig) -> None:
         self.model_id = model.id
-        self.delay_s = model.fake_delay_s
-        self.n = model.generation.n if model.generation else 1
+        self.options = model.fake
+        self.generation = model.generation or GenerationConfig()
 
-    def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
+    def caption(
+        self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
+    ) -> list[Generation]:
+        gen = generation or self.generation
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they pair up by index")
+        widths = {im.width for im in images}
+        if self.options.crash_on_width in widths:
+            os.kill(os.getpid(), signal.SIGKILL)  # a segfaulting CUDA kernel, as far as Ray can tell
+        if self.options.raise_on_width in widths:
+            raise RuntimeError(f"fake engine fault on an image {self.options.raise_on_width} pixels wide")
         out = []
         for image, prompt in zip(images, prompts, strict=True):
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            for sample in range(self.n):
-                text = fake_caption(image, prompt if sample == 0 else f"{prompt}#{sample}")
-                out.append(Generation(text=text, n_tokens=len(text.split()), finish_reason="stop"))
+            if self.options.delay_s:
+                time.sleep(self.options.delay_s)
+            for sample in range(gen.n):
+                if image.width == self.options.loop_on_width and gen.repetition_penalty <= 1.0:
+                    text = "a cat on a mat " * 12  # a repetition loop, which a repetition penalty breaks
+                else:
+                    text = fake_caption(image, prompt if sample == 0 else f"{prompt}#{sample}")
+                out.append(Generation(text=text.strip(), n_tokens=len(text.split()), finish_reason="stop"))
         return out
 
     def versions(self) -> dict[str, str]:

@@ -68,14 +68,20 @@ class HFCaptioner:
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self._formatted: dict[str, str] = {}
 
-    def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generation]:
+    def caption(
+        self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
+    ) -> list[Generation]:
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they pair up by index")
-        out: list[Generation] = []
-        for start in range(0, len(images), self.batch_size):
-            stop = start + self.batch_size
-            out.extend(self._caption_batch(images[start:stop], prompts[start:stop], seed=self.gen.seed + start))
-        return out
+        default, self.gen = self.gen, generation or self.gen
+        try:
+            out: list[Generation] = []
+            for start in range(0, len(images), self.batch_size):
+                stop = start + self.batch_size
+                out.extend(self._caption_batch(images[start:stop], prompts[start:stop], seed=self.gen.seed + start))
+            return out
+        finally:
+            self.gen = default
 
     def versions(self) -> dict[str, str]:
         import torch

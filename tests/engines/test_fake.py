@@ -1,4 +1,4 @@
-"""The fake engine: deterministic, multi-sentence, paced by fake_delay_s."""
+"""The fake engine: deterministic, multi-sentence, paced by fake.delay_s, faults on chosen images."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_three_or_four_sentences_and_word_counts():
 
 
 def test_delay_per_image():
-    captioner = FakeCaptioner(ModelConfig(path="fake-model", engine="fake", fake_delay_s=0.05))
+    captioner = FakeCaptioner(ModelConfig(path="fake-model", engine="fake", fake={"delay_s": 0.05}))
     start = time.perf_counter()
     captioner.caption(images()[:2], ["a", "b"])
     assert time.perf_counter() - start >= 0.1

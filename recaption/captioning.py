@@ -1,0 +1,164 @@
+"""The caption stage: one actor holding one engine, captioning every ok image × prompt of a unit, surviving faults.
+
+Faults, from the smallest to the largest: a generation that fails alone is an `error` caption; an engine call
+that raises is retried image by image so only the images that raise fail; an engine that kills its process is
+restarted by Ray and the unit retried, up to `max_unit_attempts` (counted in the output dir, so the count survives
+the crash), after which the unit's rows are committed as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+
+import pyarrow as pa
+
+from recaption.config import GenerationConfig, ModelConfig, PostprocessConfig
+from recaption.engines.base import Generation
+from recaption.postprocess import clean_caption
+from recaption.stages import describe, from_ipc, rows_table, unit_row
+
+log = logging.getLogger(__name__)
+
+
+def attempts_name(unit: str, model_id: str) -> str:
+    return f"{unit}.{re.sub(r'[^A-Za-z0-9._-]', '_', model_id)}.json"
+
+
+class CaptionStage:
+    """Captions the units that pass through it with one model; the result's captions are cleaned and final."""
+
+    def __init__(self, model_cfg: dict, prompt_texts: dict[str, str], post_cfg: dict, output_path: str):
+        from recaption.engines.base import build_captioner
+        from recaption.writer import open_output
+
+        self.model = ModelConfig.model_validate(model_cfg)
+        self.model.generation = self.model.generation or GenerationConfig()
+        self.prompt_texts = prompt_texts
+        self.post = PostprocessConfig.model_validate(post_cfg)
+        self.out = open_output(output_path)
+        self.n = self.model.generation.n
+        self.captioner = build_captioner(self.model)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            if row["error"]:
+                out.append(row)
+                continue
+            table = self.caption_unit(row["unit"], from_ipc(row["payload"]))
+            out.append(unit_row(row["unit"], row["t_start"], table))
+        return rows_table(out)
+
+    def caption_unit(self, unit: str, table: pa.Table) -> pa.Table:
+        from recaption.images import load_rgb
+
+        rows = table.to_pylist()
+        todo = [row for row in rows if row["status"] == "ok"]
+        attempt = self.begin_attempt(unit) if todo else 0
+        if attempt > self.model.max_unit_attempts:
+            error = f"model {self.model.id}: the engine crashed on this unit {attempt - 1} times; gave up"
+            for row in todo:
+                row.update(status="failed", error=error)
+            return pa.Table.from_pylist(rows, schema=table.schema)
+        images = []
+        for row in list(todo):
+            try:
+                images.append(load_rgb(row["image"]))
+            except Exception as e:  # validated in ReadStage, so unexpected; fail the row, not the unit
+                row.update(status="failed", error=f"decode before captioning: {describe(e)}")
+                todo.remove(row)
+        for row, result in zip(todo, self.generate(images), strict=True):
+            if isinstance(result, str):
+                row.update(status="failed", error=f"model {self.model.id}: {result}")
+                continue
+            for k, name in enumerate(self.model.prompts):
+                for gen in result[k * self.n : (k + 1) * self.n]:
+                    row["captions"].append(self.caption_struct(row, name, gen))
+        if self.post.degenerate != "keep":
+            self.handle_degenerate(todo, images)
+        return pa.Table.from_pylist(rows, schema=table.schema)
+
+    def handle_degenerate(self, rows: list[dict], images: list) -> None:
+        """Drops, or generates once more with a repetition penalty, this model's captions with degenerate flags."""
+        bad = [
+            (i, c)
+            for i, row in enumerate(rows)
+            for c, cap in enumerate(row["captions"])
+            if cap["model"] == self.model.id
+            and "error" not in cap["flags"]
+            and set(cap["flags"]) & set(self.post.degenerate_flags)
+        ]
+        if not bad:
+            return
+        if self.post.degenerate == "drop":
+            for i, c in bad:
+                rows[i]["captions"][c].update(
+                    text="", sub_captions=[], flags=[*rows[i]["captions"][c]["flags"], "dropped"]
+                )
+            return
+        gen = self.model.generation
+        retry = gen.model_copy(
+            update={
+                "n": 1,
+                "seed": gen.seed + 1,
+                "repetition_penalty": max(gen.repetition_penalty, self.post.regenerate_repetition_penalty),
+            }
+        )
+        prompts = [rows[i]["captions"][c]["prompt"] for i, c in bad]
+        try:
+            gens = self.captioner.caption([images[i] for i, _ in bad], [self.prompt_texts[p] for p in prompts], retry)
+        except Exception:  # the first captions stay, flagged; a failed retry costs nothing more
+            log.warning(
+                "model %s: regenerating %d captions failed: %s", self.model.id, len(bad), traceback.format_exc()
+            )
+            return
+        for (i, c), prompt, new in zip(bad, prompts, gens, strict=True):
+            if new.error is None:
+                struct = self.caption_struct(rows[i], prompt, new)
+                rows[i]["captions"][c] = struct | {"flags": [*struct["flags"], "regenerated"]}
+
+    def generate(self, images: list) -> list[list[Generation] | str]:
+        """Per image, its prompts × n Generations, or the error of an engine call that raised on it alone."""
+        if not images:
+            return []
+        names = self.model.prompts
+        prompts = [self.prompt_texts[name] for name in names]
+        try:
+            gens = self.captioner.caption([im for im in images for _ in names], prompts * len(images))
+        except Exception as e:
+            log.warning("model %s raised on %d images: %s", self.model.id, len(images), traceback.format_exc())
+            if len(images) == 1:
+                return [describe(e)]
+            return [result for im in images for result in self.generate([im])]  # find the ones that raise
+        per_image = len(names) * self.n
+        return [gens[i * per_image : (i + 1) * per_image] for i in range(len(images))]
+
+    def caption_struct(self, row: dict, prompt: str, gen: Generation) -> dict:
+        """The cleaned caption of one generation; an error also fails the row."""
+        flags = list(gen.flags)
+        if gen.error:
+            flags.append("error")
+            error = f"model {self.model.id} prompt {prompt}: {gen.error}"
+            row.update(status="failed", error=f"{row['error']}; {error}" if row["error"] else error)
+        raw = {
+            "model": self.model.id,
+            "prompt": prompt,
+            "text": gen.text,
+            "sub_captions": [],
+            "n_tokens": gen.n_tokens,
+            "finish_reason": gen.finish_reason,
+            "flags": flags,
+        }
+        return clean_caption(raw, self.prompt_texts[prompt], self.post)
+
+    def begin_attempt(self, unit: str) -> int:
+        """Counts this attempt at the unit in the output dir before the engine sees it; returns its number."""
+        path = self.out.path("_attempts", attempts_name(unit, self.model.id))
+        previous = 0
+        if self.out.fs.get_file_info(path).is_file:
+            previous = json.loads(self.out.read_bytes(path))["attempts"]
+        self.out.write_json(path, {"attempts": previous + 1, "model": self.model.id, "unit": unit})
+        return previous + 1
