@@ -193,3 +193,45 @@ def img2dataset_download(
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return out
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height but which carries almost no pixel data (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def image_corpus() -> list[tuple[str, str, bytes, str | None]]:
+    """(key, extension, bytes, expected error fragment or None when the image must be captioned) for every kind of
+    image a crawl delivers: the bad ones fail with their reason, the odd-but-valid ones are converted."""
+
+    def save(im: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    good_jpeg, good_png = make_image(1), make_image(2, fmt="PNG")
+    palette = Image.new("P", (40, 30))
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    frames = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 255, 0))]
+    return [
+        ("good-jpeg", "jpg", good_jpeg, None),
+        ("zero-bytes", "jpg", b"", "empty"),
+        ("truncated-jpeg", "jpg", good_jpeg[: len(good_jpeg) // 2], "truncated"),
+        ("truncated-png", "png", good_png[: len(good_png) // 2], "truncated"),
+        ("random-bytes", "jpg", bytes(random.Random(0).randrange(256) for _ in range(2000)), "not an image"),
+        ("cmyk-jpeg", "jpg", save(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), None),
+        ("png-16bit", "png", save(Image.new("I;16", (40, 30), 40000), "PNG"), None),
+        ("palette-transparent", "png", save(palette, "PNG", transparency=0), None),
+        ("animated-gif", "gif", save(frames[0], "GIF", save_all=True, append_images=frames[1:]), None),
+        ("animated-webp", "webp", save(frames[0], "WEBP", save_all=True, append_images=frames[1:]), None),
+        ("bomb", "png", png_header_only(100_000, 100_000), "decompression bomb"),
+        ("one-pixel", "png", save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), None),
+        ("ünïcode-ключ-画像", "jpg", make_image(3), None),
+    ]
