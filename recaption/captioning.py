@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from recaption.config import GenerationConfig, ModelConfig, PostprocessConfig
 from recaption.engines.base import Generation
+from recaption.faults import fault_point
 from recaption.postprocess import clean_caption
 from recaption.stages import describe, from_ipc, rows_table, unit_row
 
@@ -58,6 +59,7 @@ class CaptionStage:
         rows = table.to_pylist()
         todo = [row for row in rows if row["status"] == "ok"]
         attempt = self.begin_attempt(unit) if todo else 0
+        fault_point("caption:start")
         if attempt > self.model.max_unit_attempts:
             error = f"model {self.model.id}: the engine crashed on this unit {attempt - 1} times; gave up"
             for row in todo:

@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=["llava", "instructblip", "blip2"], default="llava")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
+
+    convert = sub.add_parser("convert", help="rewrite a released checkpoint into a format the engines load")
+    formats = convert.add_subparsers(dest="format", required=True)
+    sharegpt4v = formats.add_parser(
+        "sharegpt4v", help="ShareGPT4V (model_type share4v) → transformers' LLaVA format (llava-hf layout)"
+    )
+    sharegpt4v.add_argument("src", help="the original checkpoint directory, e.g. a download of Lin-Chen/ShareGPT4V-7B")
+    sharegpt4v.add_argument("dst", help="new directory for the converted checkpoint")
+    sharegpt4v.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        help="the CLIP tower checkpoint directory (Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12); "
+        "default: the config's mm_vision_tower when that is a local directory",
+    )
+    sharegpt4v.set_defaults(func=cmd_convert_sharegpt4v)
     return parser
 
 
@@ -99,6 +114,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     path = build_tiny(args.family, args.out, seed=args.seed)
     print(f"tiny {args.family} model (random weights) saved to {path}")
+    return 0
+
+
+def cmd_convert_sharegpt4v(args: argparse.Namespace) -> int:
+    from recaption.convert import convert_sharegpt4v
+
+    path = convert_sharegpt4v(args.src, args.dst, vision_tower=args.vision_tower)
+    print(f"converted to {path}: use it as a model `path` (family llava, engine hf or vllm)")
     return 0
 
 

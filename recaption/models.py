@@ -21,6 +21,8 @@ ARCHITECTURE_FAMILIES: dict[str, str] = {
     "Share4VLlamaForCausalLM": "sharegpt4v",
 }
 GENERIC_FAMILY = "chat"
+# Released formats that must be converted (recaption convert) before an engine can load them.
+NEEDS_CONVERSION = {"Share4VLlamaForCausalLM"}
 FAMILIES = frozenset(ARCHITECTURE_FAMILIES.values()) | {GENERIC_FAMILY}
 
 # Named models a config may use as `path`. `repo` is a Hugging Face repo id; `engine` the default engine.
@@ -30,7 +32,13 @@ REGISTRY: dict[str, dict[str, Any]] = {
     # vLLM has no InstructBLIP: it runs on the hf engine (batched, bf16 on GPU).
     "instructblip-vicuna-7b": {"repo": "Salesforce/instructblip-vicuna-7b", "family": "instructblip", "engine": "hf"},
     "blip2-opt-2.7b": {"repo": "Salesforce/blip2-opt-2.7b", "family": "blip2", "engine": "vllm", "max_model_len": 2048},
-    "sharegpt4v-7b": {"repo": "Lin-Chen/ShareGPT4V-7B", "family": "sharegpt4v", "engine": "vllm"},
+    "sharegpt4v-7b": {
+        "repo": "Lin-Chen/ShareGPT4V-7B",
+        "family": "sharegpt4v",
+        "engine": "vllm",
+        "max_model_len": 4096,
+        "note": "convert first: recaption convert sharegpt4v SRC DST --vision-tower TOWER; then path: DST",
+    },
     # Tiny random-weight models built locally on first use (recaption/tiny.py): the demo and tests.
     "tiny-llava": {"tiny": "llava", "family": "llava", "engine": "hf"},
     "tiny-instructblip": {"tiny": "instructblip", "family": "instructblip", "engine": "hf"},
@@ -80,6 +88,11 @@ def resolve_model(path_or_name: str, family: str = "auto", revision: str | None 
             f"a Hugging Face repo id (owner/name) or a registry name ({', '.join(sorted(REGISTRY))})"
         )
     architectures = list(config.get("architectures") or [])
+    if NEEDS_CONVERSION & set(architectures):
+        raise ConfigError(
+            f"model {path_or_name} is in ShareGPT4V's original format, which neither engine loads: run "
+            "`recaption convert sharegpt4v SRC DST --vision-tower TOWER` and give DST as the model path"
+        )
     if family == "auto":
         family = entry["family"] if entry else family_of(architectures)
     return ModelInfo(target, family, architectures, revision, path_or_name if entry else None)

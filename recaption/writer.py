@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from recaption.faults import fault_point
+
 CAPTION_TYPE = pa.struct(
     [
         ("model", pa.string()),
@@ -100,7 +102,7 @@ class OutputDir:
         with self.fs.open_input_stream(path) as f:
             return f.read()
 
-    def write_atomic(self, path: str, data: bytes) -> None:
+    def write_atomic(self, path: str, data: bytes, fault: str | None = None) -> None:
         """Readers never see a partial file: write a temp name beside it, then rename (object stores: one PUT)."""
         if not self.atomic_rename:
             with self.fs.open_output_stream(path) as f:
@@ -111,6 +113,8 @@ class OutputDir:
         tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
+        if fault:
+            fault_point(fault)
         self.fs.move(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
@@ -122,7 +126,8 @@ class OutputDir:
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=None if compression == "none" else compression)
-        self.write_atomic(self.path(self.part_name(unit)), buf.getvalue())
+        self.write_atomic(self.path(self.part_name(unit)), buf.getvalue(), fault="commit:before-rename")
+        fault_point("commit:after-data")
         self.write_json(self.marker_path(unit), {**stats, "unit": unit, "committed_at": time.time()})
 
 

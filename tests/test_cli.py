@@ -94,3 +94,14 @@ def test_models_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "sharegpt4v-7b", "blip2-opt-2.7b"):
         assert name in out
+
+
+def test_convert_sharegpt4v_without_a_tower_exits_2(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(
+        '{"architectures": ["Share4VLlamaForCausalLM"], "model_type": "share4v", "mm_projector_type": "mlp2x_gelu",'
+        ' "mm_vision_tower": "Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12"}'
+    )
+    assert main(["convert", "sharegpt4v", str(src), str(tmp_path / "dst")]) == 2
+    assert "--vision-tower" in capsys.readouterr().err

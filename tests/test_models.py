@@ -108,3 +108,9 @@ def test_tiny_registry_name_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert info.family == "blip2" and info.registry_name == "tiny-blip2"
     assert info.path.startswith(str(tmp_path)) and (tmp_path / "tiny").is_dir()
     assert resolve_model("tiny-blip2").path == info.path
+
+
+def test_original_sharegpt4v_checkpoint_says_to_convert_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Share4VLlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match="recaption convert sharegpt4v"):
+        resolve_model(str(tmp_path))
