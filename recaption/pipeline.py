@@ -157,11 +157,14 @@ def resolve_prompts(cfg: PipelineConfig) -> dict[str, str]:
 
 def check_models(cfg: PipelineConfig) -> None:
     """Fails fast, before any Ray work, on a model that cannot be found."""
+    from recaption.engines.vllm import check_vllm_model
     from recaption.models import resolve_model
 
     for m in cfg.models:
         if m.engine != "fake":
-            resolve_model(m.path, family=m.family, revision=m.revision)
+            info = resolve_model(m.path, family=m.family, revision=m.revision)
+            if m.engine == "vllm":  # vllm installed, and it supports the architecture
+                check_vllm_model(m, info)
 
 
 def check_paths(cfg: PipelineConfig) -> None:
