@@ -111,8 +111,14 @@ class HFCaptioner:
             return self._caption_batch(images[:half], prompts[:half], seed) + self._caption_batch(
                 images[half:], prompts[half:], seed + half
             )
-        except Exception as e:  # one bad batch must not lose the others: its items fail with the reason
-            return [_error(f"{type(e).__name__}: {e}") for _ in images]
+        except Exception as e:  # one bad request must not fail the others: retry alone, fail only what still fails
+            if len(images) == 1:
+                return [_error(f"{type(e).__name__}: {e}")] * self.gen.n
+            return [
+                g
+                for i in range(len(images))
+                for g in self._caption_batch(images[i : i + 1], prompts[i : i + 1], seed + i)
+            ]
 
     def _generate(self, images: list[Image.Image], prompts: list[str], seed: int) -> list[Generation]:
         import torch
