@@ -57,7 +57,7 @@ class CornerTextTower(nn.Module):
         width = encoder.config.hidden_size
         std = getattr(encoder.config, "initializer_range", 0.02)
         # Each corner starts from its own random point, so the slots gather different features from the start.
-        self.corners = nn.Parameter(torch.randn(num_corners, width) * std)
+        self.corners = nn.Parameter(torch.randn(num_corners, width) * std) if num_corners else None
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
 

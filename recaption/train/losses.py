@@ -1,0 +1,116 @@
+"""Contrastive losses over the global batch: per-slot InfoNCE (LoTLIP), multi-positive and grouping (DreamLIP),
+multi-to-multi (Holistic CLIP)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recaption.train.config import LossConfig
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` along dim 0 from every worker, keeping gradients (identity in a single process).
+
+    `torch.distributed.nn.functional.all_gather` sends each rank's gradient back to its owner (summed over ranks),
+    and DDP averages over ranks, so every worker computing the same global loss trains on its exact gradient.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows of two (N, D) normalised batches (CLIP's loss), over the global batch."""
+    a, b = gather(a), gather(b)
+    logits = scale * a @ b.T
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def slot_loss(image: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LoTLIP: the mean over the K+1 text slots (N, S, D) of each slot's InfoNCE against the image (N, D)."""
+    return torch.stack([info_nce(image, slots[:, s], scale) for s in range(slots.shape[1])]).mean()
+
+
+def multi_positive_loss(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DreamLIP's multi-positive InfoNCE: each image (N, D) has its K sub-captions (N, K, D) as positives.
+
+    Text→image: each sub-caption is classified among the N images. Image→text: each of an image's K positives is
+    classified among all N·K texts (its other K-1 positives sit in the denominator, as in the paper's equation).
+    The paper sums over pairs; we average, so weights do not depend on batch size or K. With K=1 this is `info_nce`.
+    """
+    image, texts = gather(image), gather(texts)
+    n, k, d = texts.shape
+    flat = texts.reshape(n * k, d)
+    logits = scale * image @ flat.T  # (N, N·K)
+    owner = torch.arange(n, device=image.device).repeat_interleave(k)
+    text_to_image = F.cross_entropy(logits.T, owner)
+    image_to_text = -F.log_softmax(logits, dim=1)[owner, torch.arange(n * k, device=image.device)].mean()
+    return (text_to_image + image_to_text) / 2
+
+
+def grouping_weights(texts: torch.Tensor, patches: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per sub-caption weights over patches (N, K, P): similarity, min-max normalised over the patches, values
+    below `threshold` zeroed, renormalised to sum 1 (DreamLIP's sub-caption-specific grouping)."""
+    sim = torch.einsum("nkd,npd->nkp", texts, patches)
+    low, high = sim.amin(dim=-1, keepdim=True), sim.amax(dim=-1, keepdim=True)
+    weights = (sim - low) / (high - low).clamp_min(1e-6)
+    weights = torch.where(weights >= threshold, weights, torch.zeros_like(weights))
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def grouping_loss(
+    texts: torch.Tensor, patches: torch.Tensor, scale: torch.Tensor, threshold: float = 0.5, scope: str = "batch"
+) -> torch.Tensor:
+    """DreamLIP's grouping loss: each sub-caption (N, K, D) against the patch tokens (N, P, D) of its image pooled by
+    its own weights; InfoNCE over all B·K pairs of the global batch (`batch`), or over one image's K (`image`)."""
+    weights = grouping_weights(texts, patches, threshold)
+    pooled = F.normalize(torch.einsum("nkp,npd->nkd", weights, patches), dim=-1)
+    if scope == "image":
+        logits = scale * pooled @ texts.transpose(1, 2)  # (N, K pooled, K texts)
+        labels = torch.arange(texts.shape[1], device=texts.device).expand(texts.shape[0], -1)
+        return (F.cross_entropy(logits.transpose(1, 2), labels) + F.cross_entropy(logits, labels)) / 2
+    return info_nce(pooled.flatten(0, 1), texts.flatten(0, 1), scale)
+
+
+def multi_branch_loss(branches: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Holistic CLIP's multi-to-multi loss: image branch i (N, M, D) against text i (N, M, D), averaged over M."""
+    return torch.stack([info_nce(branches[:, m], texts[:, m], scale) for m in range(branches.shape[1])]).mean()
+
+
+def split_texts(embeddings: torch.Tensor, layout: list[tuple[str, int]], batch_size: int) -> dict[str, torch.Tensor]:
+    """The short-text forward's (Σ B·n, D) output cut back into its groups: name → (B, n, D), image-major."""
+    out, start = {}, 0
+    for name, per_image in layout:
+        stop = start + batch_size * per_image
+        out[name] = embeddings[start:stop].reshape(batch_size, per_image, -1)
+        start = stop
+    return out
+
+
+def compute_losses(
+    out: dict[str, torch.Tensor], cfg: LossConfig, scale: torch.Tensor, group_scale: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Every switched-on loss of one micro-batch and their weighted sum under `loss`."""
+    image = out["branches"][:, 0]
+    losses: dict[str, torch.Tensor] = {}
+    if cfg.long:
+        slots = out["long"] if cfg.long_slots == "all" else out["long"][:, :1]
+        losses["long"] = slot_loss(image, slots, scale)
+    if cfg.short:
+        losses["short"] = info_nce(image, out["short"][:, 0], scale)
+    if cfg.multi_positive:
+        losses["multi_positive"] = multi_positive_loss(image, out["subs"], scale)
+    if cfg.grouping:
+        losses["grouping"] = grouping_loss(
+            out["subs"], out["patches"], group_scale, cfg.grouping_threshold, cfg.grouping_scope
+        )
+    if cfg.holistic:
+        losses["holistic"] = multi_branch_loss(out["branches"], out["holistic"], scale)
+    losses["loss"] = sum(getattr(cfg, name) * value for name, value in losses.items())
+    return losses

@@ -1,0 +1,184 @@
+"""Each loss against a small case worked out by hand, finite gradients, and the global batch across 2 processes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from recaption.train.config import LossConfig
+from recaption.train.losses import (
+    compute_losses,
+    grouping_loss,
+    grouping_weights,
+    info_nce,
+    multi_branch_loss,
+    multi_positive_loss,
+    slot_loss,
+)
+
+ONE = torch.tensor(1.0)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_info_nce_by_hand():
+    a = t([1, 0], [0, 1])
+    b = t([1, 0], [0.6, 0.8])
+    # logits [[1, .6], [0, .8]]: rows (image→text) and columns (text→image), each a 2-way softmax.
+    rows = softplus(-0.4) + softplus(-0.8)
+    cols = softplus(-1.0) + softplus(-0.2)
+    assert math.isclose(info_nce(a, b, ONE).item(), (rows + cols) / 4, rel_tol=1e-6)
+    assert math.isclose(info_nce(a, a, ONE).item(), softplus(-1.0), rel_tol=1e-6)
+    # The scale multiplies the logits.
+    assert math.isclose(info_nce(a, a, torch.tensor(3.0)).item(), softplus(-3.0), rel_tol=1e-6)
+
+
+def test_slot_loss_is_the_mean_over_slots():
+    image = t([1, 0], [0, 1])
+    slots = torch.stack([image, t([1, 0], [0.6, 0.8])], dim=1)  # slot 0 perfect, slot 1 as above
+    expected = (softplus(-1.0) + (softplus(-0.4) + softplus(-0.8) + softplus(-1.0) + softplus(-0.2)) / 4) / 2
+    assert math.isclose(slot_loss(image, slots, ONE).item(), expected, rel_tol=1e-6)
+
+
+def test_multi_positive_by_hand():
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    image = t(e1, e2)
+    texts = t([e1, e2], [e2, e2])  # image 0: one matching, one wrong sub-caption; image 1: two matching
+    # logits (2 × 4) = [[1, 0, 0, 0], [0, 1, 1, 1]]; text j belongs to image [0, 0, 1, 1][j].
+    text_to_image = (softplus(-1) + softplus(1) + softplus(-1) + softplus(-1)) / 4
+    z0, z1 = math.e + 3, 1 + 3 * math.e
+    image_to_text = ((math.log(z0) - 1) + math.log(z0) + 2 * (math.log(z1) - 1)) / 4
+    got = multi_positive_loss(image, texts, ONE).item()
+    assert math.isclose(got, (text_to_image + image_to_text) / 2, rel_tol=1e-6)
+
+
+def test_multi_positive_with_one_sub_caption_is_plain_info_nce():
+    gen = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    texts = F.normalize(torch.randn(6, 1, 8, generator=gen), dim=-1)
+    scale = torch.tensor(7.5)
+    torch.testing.assert_close(multi_positive_loss(image, texts, scale), info_nce(image, texts[:, 0], scale))
+
+
+def test_grouping_weights_and_loss_by_hand():
+    texts = t([[1, 0]], [[0, 1]])  # N=2 images, K=1 sub-caption each
+    patches = t([[1, 0], [0.6, 0.8], [0, 1]], [[0, 1], [1, 0], [0.6, 0.8]])
+    # Image 0: similarities [1, .6, 0], min-max → same, ≥ 0.5 kept → [1, .6, 0] / 1.6.
+    # Image 1: similarities [1, 0, .8] → [1, 0, .8] / 1.8.
+    weights = grouping_weights(texts, patches, threshold=0.5)
+    torch.testing.assert_close(weights, t([[1 / 1.6, 0.6 / 1.6, 0]], [[1 / 1.8, 0, 0.8 / 1.8]]))
+    # A higher threshold drops the 0.6 and 0.8 patches: each sub-caption pools only its best patch.
+    torch.testing.assert_close(grouping_weights(texts, patches, threshold=0.9), t([[1, 0, 0]], [[1, 0, 0]]))
+    q0 = F.normalize(torch.tensor([1.36, 0.48]), dim=0)  # (1·(1, 0) + .6·(.6, .8)) / 1.6, normalised
+    q1 = F.normalize(torch.tensor([0.48, 1.64]), dim=0)  # (1·(0, 1) + .8·(.6, .8)) / 1.8, normalised
+    logits = [[q0[0].item(), q0[1].item()], [q1[0].item(), q1[1].item()]]  # pooled rows × sub-caption columns
+    rows = softplus(logits[0][1] - logits[0][0]) + softplus(logits[1][0] - logits[1][1])
+    cols = softplus(logits[1][0] - logits[0][0]) + softplus(logits[0][1] - logits[1][1])
+    got = grouping_loss(texts, patches, ONE, threshold=0.5).item()
+    assert math.isclose(got, (rows + cols) / 4, rel_tol=1e-5)
+
+
+def test_grouping_scope_image_uses_only_the_image_s_own_sub_captions():
+    texts = t([[1, 0], [0, 1]])  # one image, K=2
+    patches = t([[1, 0], [0, 1], [0.6, 0.8]])
+    # Sub-caption 0 pools patches [1, 0, .6]/1.6 … each pooled feature competes with the other sub-caption only.
+    batch = grouping_loss(texts, patches, ONE, 0.5, scope="batch")
+    image = grouping_loss(texts, patches, ONE, 0.5, scope="image")
+    torch.testing.assert_close(batch, image)  # one image: the two scopes see the same pairs
+    two = torch.cat([texts, texts.flip(1)]), torch.cat([patches, patches])
+    assert grouping_loss(*two, ONE, 0.5, scope="batch") > grouping_loss(*two, ONE, 0.5, scope="image")
+
+
+def test_multi_branch_pairs_branch_i_with_text_i():
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    branches = t([e1, e2], [e2, e1])
+    texts = branches.clone()
+    assert math.isclose(multi_branch_loss(branches, texts, ONE).item(), softplus(-1.0), rel_tol=1e-6)
+    swapped = texts.flip(1)  # branch 0 now faces the other perspective's text
+    assert multi_branch_loss(branches, swapped, ONE) > multi_branch_loss(branches, texts, ONE)
+
+
+def test_every_loss_has_finite_gradients_and_the_total_is_the_weighted_sum():
+    gen = torch.Generator().manual_seed(1)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=gen), dim=-1).requires_grad_()
+
+    out = {
+        "branches": unit(4, 2, 8),
+        "patches": unit(4, 9, 8),
+        "long": unit(4, 3, 8),
+        "short": unit(4, 1, 8),
+        "subs": unit(4, 3, 8),
+        "holistic": unit(4, 2, 8),
+    }
+    cfg = LossConfig(long=1.0, short=0.5, multi_positive=2.0, grouping=0.3, holistic=0.7)
+    scale, group_scale = torch.tensor(10.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)
+    losses = compute_losses(out, cfg, scale, group_scale)
+    parts = {k: v for k, v in losses.items() if k != "loss"}
+    assert set(parts) == {"long", "short", "multi_positive", "grouping", "holistic"}
+    total = sum(getattr(cfg, k) * v for k, v in parts.items())
+    torch.testing.assert_close(losses["loss"], total)
+    losses["loss"].backward()
+    for name, x in [*out.items(), ("scale", scale), ("group_scale", group_scale)]:
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+    # Degenerate input: all patches equal, so min-max has nothing to spread; still finite.
+    flat = torch.ones(2, 4, 8, requires_grad=True)
+    loss = grouping_loss(F.normalize(torch.randn(2, 2, 8), dim=-1), F.normalize(flat, dim=-1), ONE)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(flat.grad).all()
+
+
+def _two_process_losses(rank: int, world: int, init_file: str, data: dict, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        half = {k: v.chunk(world)[rank].clone().requires_grad_() for k, v in data.items()}
+        scale = torch.tensor(4.0)
+        losses = {
+            "info_nce": info_nce(half["image"], half["text"], scale),
+            "multi_positive": multi_positive_loss(half["image"], half["subs"], scale),
+            "grouping": grouping_loss(half["subs"], half["patches"], scale),
+        }
+        sum(losses.values()).backward()
+        results[rank] = ({k: v.item() for k, v in losses.items()}, {k: v.grad for k, v in half.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_compute_the_global_batch_loss_and_its_gradient(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    data = {
+        "image": F.normalize(torch.randn(6, 8, generator=gen), dim=-1),
+        "text": F.normalize(torch.randn(6, 8, generator=gen), dim=-1),
+        "subs": F.normalize(torch.randn(6, 2, 8, generator=gen), dim=-1),
+        "patches": F.normalize(torch.randn(6, 5, 8, generator=gen), dim=-1),
+    }
+    full = {k: v.clone().requires_grad_() for k, v in data.items()}
+    scale = torch.tensor(4.0)
+    expected = {
+        "info_nce": info_nce(full["image"], full["text"], scale),
+        "multi_positive": multi_positive_loss(full["image"], full["subs"], scale),
+        "grouping": grouping_loss(full["subs"], full["patches"], scale),
+    }
+    sum(expected.values()).backward()
+    results = mp.Manager().dict()
+    mp.spawn(_two_process_losses, args=(2, str(tmp_path / "init"), data, results), nprocs=2, join=True)
+    for rank in range(2):
+        losses, grads = results[rank]
+        for name, value in expected.items():  # every worker sees the whole 6-image batch, not its 3 images
+            assert math.isclose(losses[name], value.item(), rel_tol=1e-5), (rank, name)
+        for name, grad in grads.items():
+            # Each worker's gradient (summed over workers by all_gather's backward) / world = the exact gradient,
+            # which is what DDP's averaging gives the parameters.
+            torch.testing.assert_close(grad / 2, full[name].grad.chunk(2)[rank], rtol=1e-4, atol=1e-6)
