@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from recaption.errors import ConfigError  # noqa: E402
 from recaption.prompts import PROMPT_FORMATS, builtin_prompts, format_prompt, get_prompt, prompt_names  # noqa: E402
 
-NAMES = ["background", "detailed", "objects", "short", "style", "text"]
+NAMES = ["background", "detailed", "objects", "short", "spatial", "style", "text"]
 
 
 def test_builtin_prompts_are_all_there_and_non_empty():

@@ -269,3 +269,17 @@ def test_engine_arguments_come_from_the_model_config():
     # Inside an actor that holds the 4 GPUs: worker processes, not a nested Ray placement group.
     assert args["distributed_executor_backend"] == "mp" and args["tensor_parallel_size"] == 4 and args["seed"] == 1
     assert args["dtype"] == "auto" and "max_model_len" not in args and "download_dir" not in args
+
+
+@vllm_test
+def test_blip2_through_vllm_in_the_ray_job(tmp_path, ray_session):
+    from recaption.pipeline import run_pipeline
+    from tests.test_pipeline import check_contract
+
+    keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=4)
+    overrides = [f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
+    overrides += ["models.0.path=tiny-blip2", "models.0.name=tiny-blip2", "models.0.prompts=[short]"]
+    summary = run_pipeline(load_config(DEMO_VLLM, overrides), progress=False)
+    assert summary.ok == 4 and not summary.unit_errors
+    rows = check_contract(tmp_path / "out", keys, n_captions=1).to_pylist()
+    assert all(r["captions"][0]["model"] == "tiny-blip2" and r["captions"][0]["n_tokens"] > 0 for r in rows)
