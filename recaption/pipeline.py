@@ -12,6 +12,7 @@ from importlib import metadata
 
 from recaption.config import PipelineConfig
 from recaption.errors import ConfigError
+from recaption.progress import Progress
 from recaption.writer import RUN_INFO, open_output
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,15 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, overwrite: bool = F
     out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     start = time.time()
     ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements)
-    bar = progress_bar(len(todo), progress)
-    for row in ds.iter_rows():
-        summary.units_done += 1
-        if row["error"]:
-            summary.unit_errors[row["unit"]] = row["error"]
-        for k in ("rows", "ok", "failed", "skipped", "tokens"):
-            setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
-        summary.seconds = time.time() - start
-        bar.update(1)
-        bar.set_postfix(ok=summary.ok, failed=summary.failed, img_s=f"{summary.images_per_s:.1f}")
-    bar.close()
+    with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
+        for row in ds.iter_rows():
+            summary.units_done += 1
+            if row["error"]:
+                summary.unit_errors[row["unit"]] = row["error"]
+            for k in ("rows", "ok", "failed", "skipped", "tokens"):
+                setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
+            summary.seconds = time.time() - start
+            live.unit_done(row)
     summary.seconds = time.time() - start
     return summary
 
@@ -212,9 +211,3 @@ def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
         except metadata.PackageNotFoundError:
             continue
     return {"config": cfg.resolved(), "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}
-
-
-def progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="unit", desc="recaption", disable=not enabled, mininterval=1.0, file=sys.stderr)
