@@ -1,0 +1,88 @@
+"""The data stream: every trainable row once per epoch, never a failed one, shuffled, split over workers, resumable."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from recaption.errors import InputError
+from recaption.train.data import Batches, DataState, ExampleStream, load_image, output_parts
+from recaption.train.sampling import TextSampler
+from recaption.train.tokenizer import train_wordpiece
+from tests.train.conftest import BROKEN_KEY, N_IMAGES, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(caption_output):
+    from recaption.train.data import caption_texts
+
+    return train_wordpiece(caption_texts(str(caption_output)), 500)
+
+
+def stream(cfg, rank=0, world=1) -> ExampleStream:
+    return ExampleStream(cfg, TextSampler(cfg.sampling, cfg.run.seed), rank, world)
+
+
+def test_an_epoch_holds_every_trainable_row_once_and_never_the_failed_one(caption_output, tmp_path):
+    cfg = tiny_config(caption_output, tmp_path, "data.shuffle_buffer=8")
+    keys = [ex.key for ex in stream(cfg).epoch(0)]
+    assert len(keys) == N_IMAGES - 1 and len(set(keys)) == len(keys) and BROKEN_KEY not in keys
+    assert keys != sorted(keys)  # shuffled across shards
+    assert keys == [ex.key for ex in stream(cfg).epoch(0)]  # deterministic
+    assert keys != [ex.key for ex in stream(cfg).epoch(1)]  # a new order each epoch
+    other_seed = tiny_config(caption_output, tmp_path, "data.shuffle_buffer=8", "run.seed=1")
+    assert keys != [ex.key for ex in stream(other_seed).epoch(0)]
+
+
+def test_workers_split_the_rows_between_them(caption_output, tmp_path):
+    cfg = tiny_config(caption_output, tmp_path)
+    halves = [{ex.key for ex in stream(cfg, rank, 2).epoch(3)} for rank in range(2)]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == N_IMAGES - 1
+    # More workers than part files: each reads all of them and keeps every 8th example.
+    eighths = [{ex.key for ex in stream(cfg, rank, 8).epoch(0)} for rank in range(8)]
+    assert sum(map(len, eighths)) == N_IMAGES - 1 and len(set().union(*eighths)) == N_IMAGES - 1
+
+
+def test_batches_are_deterministic_and_a_saved_position_resumes_exactly(caption_output, tmp_path, tokenizer):
+    cfg = tiny_config(caption_output, tmp_path, "data.shuffle_buffer=16")
+    first = list(islice(Batches(cfg, tokenizer), 9))  # 72 examples: past the end of epoch 0
+    again = list(islice(Batches(cfg, tokenizer), 9))
+    for a, b in zip(first, again, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["long_ids"], b["long_ids"]) and torch.equal(a["short_ids"], b["short_ids"])
+    assert first[-1]["state"].epoch == 1
+    for k in (2, 4, 5):  # mid-epoch, and just after the epoch boundary
+        resumed = next(iter(Batches(cfg, tokenizer, state=first[k]["state"])))
+        nxt = first[k + 1]
+        assert resumed["keys"] == nxt["keys"] and torch.equal(resumed["short_ids"], nxt["short_ids"])
+
+
+def test_batch_layout_shapes_and_text_groups(caption_output, tmp_path, tokenizer):
+    cfg = tiny_config(caption_output, tmp_path, "loss.grouping=0", "loss.short=0")
+    batch = next(iter(Batches(cfg, tokenizer)))
+    b, k = cfg.run.batch_size, cfg.sampling.num_sub_captions
+    assert batch["pixel_values"].shape == (b, 3, 32, 32)
+    assert batch["layout"] == [("subs", k)] and batch["short_ids"].shape[0] == b * k
+    corners = cfg.model.text.num_corners
+    assert batch["long_ids"].shape[1] <= cfg.model.text.context_length - corners
+    assert (batch["long_ids"][:, 0] == tokenizer.cls_token_id).all()
+
+
+def test_load_image_is_clip_normalised_and_square():
+    from tests.data import make_image
+
+    arr = load_image(make_image(3, size=(80, 40)), 32)
+    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
+    assert arr.min() > -2.0 and arr.max() < 2.7
+
+
+def test_a_directory_without_parts_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no part-\\*.parquet"):
+        output_parts(str(tmp_path))
+
+
+def test_data_state_round_trip():
+    assert DataState(**DataState(3, 7).to_dict()) == DataState(3, 7)
