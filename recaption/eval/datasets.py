@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,3 +60,67 @@ def concat_eval_sets(name: str, sets: Sequence[EvalSet]) -> EvalSet:
         texts += s.texts
         images += s.images
     return EvalSet(name, images, texts, owner)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class ClassificationSet:
+    """A labelled image set for zero-shot classification: `images[i]` shows class `class_names[labels[i]]`."""
+
+    name: str
+    images: list[ImageRef]
+    labels: list[int]
+    class_names: list[str]
+
+
+def load_image_folder(root: str | Path, class_names: str | Path | None = None, name: str = "") -> ClassificationSet:
+    """ImageNet-style folders (torchvision's ImageFolder layout).
+
+    On disk: `root/<class>/<image>` with one directory per class; files with an image suffix (.jpg, .JPEG,
+    .png, …) anywhere under a class directory belong to it. Classes are the directory names in sorted order,
+    so label i is the i-th name.
+
+    The prompt text of a class is its directory name with `_` read as a space, unless `class_names` names a
+    file: a JSON object {directory: name} (e.g. ImageNet's wnid → "goldfish"), a JSON list, or a text file with
+    one name per line, both in sorted-directory order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise InputError(f"{root}: no class directories (expected root/<class>/<image>)")
+    images: list[ImageRef] = []
+    labels: list[int] = []
+    for label, d in enumerate(dirs):
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images += files
+        labels += [label] * len(files)
+    if not images:
+        raise InputError(f"{root}: the class directories hold no images")
+    names = _class_names([d.name for d in dirs], class_names)
+    return ClassificationSet(name or root.name, images, labels, names)
+
+
+def _class_names(dirs: list[str], spec: str | Path | None) -> list[str]:
+    if spec is None:
+        return [d.replace("_", " ") for d in dirs]
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"class names file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            missing = [d for d in dirs if d not in data]
+            if missing:
+                raise InputError(f"{path}: no name for class directories {missing[:5]}")
+            return [str(data[d]) for d in dirs]
+        names = [str(n) for n in data]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != len(dirs):
+        raise InputError(f"{path}: {len(names)} class names for {len(dirs)} class directories")
+    return names
