@@ -152,12 +152,16 @@ def _normalised(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(emb, dim=-1) if emb.numel() else emb
 
 
+def metric_keys(result: dict[str, Any]) -> list[str]:
+    """The metrics of one set's result (percentages), leaving out counts and timing."""
+    return [k for k, v in result.items() if isinstance(v, float) and k != "seconds"]
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Results {set: {metric: value}} as aligned text tables, one per kind of set (same metric columns)."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, metrics in results.items():
-        cols = tuple(k for k, v in metrics.items() if isinstance(v, float))
-        groups.setdefault(cols, []).append(name)
+        groups.setdefault(tuple(metric_keys(metrics)), []).append(name)
     blocks = []
     for cols, names in groups.items():
         rows = [["set", *cols]] + [[n, *(f"{results[n][c]:.2f}" for c in cols)] for n in names]
