@@ -1,0 +1,201 @@
+"""`recaption inspect`: rows of an output by key or at random, every caption beside its metadata, images as PNG."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import random
+import re
+import sys
+import textwrap
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from recaption.config import ImageConfig, InputConfig
+from recaption.errors import InputError, RecaptionError
+from recaption.shards import WorkUnit
+from recaption.writer import METADATA_KEY, OutputDir, open_output
+
+INSPECT_DIR = "_inspect"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def part_paths(out: OutputDir) -> list[str]:
+    """The output's `part-*.parquet` files, sorted; InputError when there are none."""
+    infos = out.fs.get_file_info(pafs.FileSelector(out.root, allow_not_found=True))
+    parts = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    if not parts:
+        raise InputError(f"no part-*.parquet files in {out.root}: not a recaption output (or nothing committed yet)")
+    return parts
+
+
+def iter_batches(out: OutputDir, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Every row of the output in part order, a record batch at a time (memory: one batch)."""
+    for path in part_paths(out):
+        with out.fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def run_metadata(out: OutputDir) -> dict:
+    """The run metadata (config, prompt texts, versions) stored in the output's first Parquet file."""
+    with out.fs.open_input_file(part_paths(out)[0]) as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return json.loads(meta.get(METADATA_KEY, b"{}"))
+
+
+def source_units(out: OutputDir, input_path: str | None = None) -> tuple[InputConfig, dict[str, WorkUnit]]:
+    """The run's input config (its path replaced by `input_path` when the shards moved) and its units by id."""
+    from recaption.shards.plan import plan_units
+
+    raw = dict(run_metadata(out).get("config", {}).get("input") or {})
+    if input_path:
+        raw["path"] = input_path
+    if not raw.get("path"):
+        raise InputError(f"{out.root}: the run metadata names no input path; pass the input's path (--input)")
+    input_cfg = InputConfig.model_validate({**raw, "max_units": None})
+    return input_cfg, {u.unit: u for u in plan_units(input_cfg)}
+
+
+def unit_images(input_cfg: InputConfig, unit: WorkUnit, wanted: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image bytes) of a unit's source records that have an image, in source order; with `wanted`,
+    only those keys, stopping once all are found."""
+    from recaption.shards.read import read_unit
+
+    left = set(wanted) if wanted is not None else None
+    for rec in read_unit(unit, input_cfg):
+        if rec.image is None or (left is not None and rec.key not in left):
+            continue
+        yield rec.key, rec.image
+        if left is not None:
+            left.discard(rec.key)
+            if not left:
+                return
+
+
+def find_unit(units: dict[str, WorkUnit], unit: str, input_cfg: InputConfig) -> WorkUnit:
+    if unit not in units:
+        raise InputError(f"unit {unit} is not in the input {input_cfg.path} any more; pass the input's path (--input)")
+    return units[unit]
+
+
+def png_bytes(data: bytes, image_cfg: ImageConfig) -> bytes:
+    """The image as the run decoded it (orientation, RGB, at most max_side), as PNG."""
+    from recaption.images import decode_image
+
+    buf = io.BytesIO()
+    decode_image(data, image_cfg).image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def safe_name(key: str) -> str:
+    return _UNSAFE.sub("_", key)[:150] or "image"
+
+
+def select_rows(out: OutputDir, keys: Iterable[str] = (), sample: int = 0, seed: int = 0) -> list[dict]:
+    """The rows with `keys` (in that order) plus `sample` rows chosen uniformly (reservoir, reproducible by seed)."""
+    keys = list(dict.fromkeys(keys))
+    rng, reservoir, seen = random.Random(seed), [], 0
+    for batch in iter_batches(out, columns=["key"]) if sample > 0 else ():
+        for key in batch.column(0).to_pylist():
+            seen += 1
+            if len(reservoir) < sample:
+                reservoir.append(key)
+            elif (j := rng.randrange(seen)) < sample:
+                reservoir[j] = key
+    wanted = keys + [k for k in reservoir if k not in keys]
+    dataset = pads.dataset(part_paths(out), filesystem=out.fs, format="parquet")
+    found = {row["key"]: row for row in dataset.to_table(filter=pc.field("key").isin(wanted)).to_pylist()}
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise RecaptionError(f"no row with key {', '.join(map(repr, missing[:5]))} in {out.root}")
+    return [found[k] for k in wanted]
+
+
+def format_row(row: dict, prompts: dict[str, str] | None = None, width: int = 100) -> str:
+    """One row as text: metadata, then every caption with its model, prompt, tokens, finish reason and flags."""
+    size = f"{row['width']}x{row['height']}" if row.get("width") else "-"
+    lines = [f"== {row['key']}  [{row['status']}]  {size}  source={row['source']} unit={row['unit']}"]
+    for name in ("url", "alt_text", "error", "image_sha256"):
+        if row.get(name):
+            lines.append(f"   {name}: {row[name]}")
+    for cap in row.get("captions") or []:
+        flags = ",".join(cap["flags"] or []) or "-"
+        head = f"-- {cap['model']} / {cap['prompt']}: {cap['n_tokens']} tokens, {len(cap['sub_captions'] or [])} "
+        lines.append(head + f"sub-captions, finish={cap['finish_reason']}, flags={flags}")
+        if prompts and cap["prompt"] in prompts:
+            lines.append("   prompt: " + textwrap.shorten(prompts[cap["prompt"]], width - 11))
+        lines += textwrap.wrap(cap["text"] or "(empty)", width, initial_indent="   ", subsequent_indent="   ")
+    return "\n".join(lines)
+
+
+def inspect_output(
+    output: str,
+    keys: Iterable[str] = (),
+    sample: int = 0,
+    seed: int = 0,
+    out_dir: str | None = None,
+    input_path: str | None = None,
+    stream: IO[str] | None = None,
+) -> list[str]:
+    """Prints the chosen rows and saves each image (from the source shard) as `<key>.png` in `out_dir` (default
+    `OUTPUT/_inspect`), with an `index.html` showing every image beside its captions; returns the PNG paths."""
+    stream = stream or sys.stdout
+    out = open_output(output)
+    rows = select_rows(out, keys, sample, seed)
+    if not rows:
+        raise RecaptionError("nothing to inspect: give --key K (repeatable) or --sample N")
+    meta = run_metadata(out)
+    image_cfg = ImageConfig.model_validate(meta.get("config", {}).get("images") or {})
+    dest = open_output(out_dir) if out_dir else OutputDir(out.fs, out.path(INSPECT_DIR))
+    images = _fetch_images(out, rows, input_path)
+    saved, cards = [], []
+    for row in rows:
+        print(format_row(row, meta.get("prompts")), file=stream)
+        data, png = images.get(row["key"]), None
+        if data is not None and hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+            print("   warning: the source's image differs from the one captioned (sha256); shown anyway", file=stream)
+        if data is not None:
+            png = dest.path(f"{safe_name(row['key'])}.png")
+            dest.write_atomic(png, png_bytes(data, image_cfg))
+            saved.append(png)
+            print(f"   image: {png}", file=stream)
+        else:
+            print("   image: none in the source for this row", file=stream)
+        cards.append(_card(row, png.rsplit("/", 1)[1] if png else None))
+        print(file=stream)
+    page = f"<!doctype html><meta charset=utf-8><title>recaption inspect</title><body>{''.join(cards)}</body>"
+    dest.write_atomic(dest.path("index.html"), page.encode())
+    return saved
+
+
+def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> dict[str, bytes]:
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        if row["image_sha256"]:
+            wanted.setdefault(row["unit"], set()).add(row["key"])
+    if not wanted:
+        return {}
+    input_cfg, units = source_units(out, input_path)
+    found = {}
+    for unit, keys in wanted.items():
+        found.update(unit_images(input_cfg, find_unit(units, unit, input_cfg), keys))
+    return found
+
+
+def _card(row: dict, png: str | None) -> str:
+    img = f"<img src='{html.escape(png)}' style='max-width:384px'>" if png else "<p>(no image)</p>"
+    caps = "".join(
+        f"<h4>{html.escape(c['model'])} / {html.escape(c['prompt'])} · {c['n_tokens']} tokens"
+        f" · {html.escape(', '.join(c['flags'] or []))}</h4><p>{html.escape(c['text'] or '')}</p>"
+        for c in row.get("captions") or []
+    )
+    meta = html.escape(f"{row['status']} · {row.get('alt_text') or ''} · {row.get('error') or ''}")
+    return f"<section><h3>{html.escape(row['key'])}</h3><p>{meta}</p>{img}{caps}</section><hr>"
