@@ -9,19 +9,36 @@ import torch.nn.functional as F
 from recaption.train.config import LossConfig
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` along dim 0 from every worker, keeping gradients (identity in a single process).
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows (every rank
+    computes the same global loss, so the sum over ranks is what reaches a rank's embeddings)."""
 
-    `torch.distributed.nn.functional.all_gather` sends each rank's gradient back to its owner (summed over ranks),
-    and DDP averages over ranks, so every worker computing the same global loss trains on its exact gradient.
-    """
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world, dim=0)[ctx.rank]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` along dim 0 from every worker (same shape on each), keeping gradients; identity in a single
+    process. Each rank's gradient of the global loss, summed over ranks, then averaged by DDP, is the exact one."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,11 +110,9 @@ def split_texts(embeddings: torch.Tensor, layout: list[tuple[str, int]], batch_s
     return out
 
 
-def compute_losses(
-    out: dict[str, torch.Tensor], cfg: LossConfig, scale: torch.Tensor, group_scale: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def compute_losses(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Every switched-on loss of one micro-batch and their weighted sum under `loss`."""
-    image = out["branches"][:, 0]
+    image, scale = out["branches"][:, 0], out["scale"]
     losses: dict[str, torch.Tensor] = {}
     if cfg.long:
         slots = out["long"] if cfg.long_slots == "all" else out["long"][:, :1]
@@ -108,7 +123,7 @@ def compute_losses(
         losses["multi_positive"] = multi_positive_loss(image, out["subs"], scale)
     if cfg.grouping:
         losses["grouping"] = grouping_loss(
-            out["subs"], out["patches"], group_scale, cfg.grouping_threshold, cfg.grouping_scope
+            out["subs"], out["patches"], out["group_scale"], cfg.grouping_threshold, cfg.grouping_scope
         )
     if cfg.holistic:
         losses["holistic"] = multi_branch_loss(out["branches"], out["holistic"], scale)

@@ -81,7 +81,10 @@ class ContrastiveModel(nn.Module):
         """Everything one step needs in one call (so DDP sees one forward): image branches and patches, all slots of
         the long texts, the CLS slot of the short texts (alt texts, sub-captions, Holistic texts, concatenated)."""
         branches, patches = self.encode_image(pixel_values)
-        out = {"branches": branches, "patches": patches}
+        # The scales leave through forward so that DDP counts them as used in it.
+        out = {"branches": branches, "patches": patches, "scale": self.logit_scale.exp()}
+        if self.group_logit_scale.requires_grad:
+            out["group_scale"] = self.group_logit_scale.exp()
         if long_ids is not None:
             out["long"] = self.encode_text(long_ids, long_mask)
         if short_ids is not None:

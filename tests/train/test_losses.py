@@ -123,7 +123,7 @@ def test_every_loss_has_finite_gradients_and_the_total_is_the_weighted_sum():
     }
     cfg = LossConfig(long=1.0, short=0.5, multi_positive=2.0, grouping=0.3, holistic=0.7)
     scale, group_scale = torch.tensor(10.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)
-    losses = compute_losses(out, cfg, scale, group_scale)
+    losses = compute_losses({**out, "scale": scale, "group_scale": group_scale}, cfg)
     parts = {k: v for k, v in losses.items() if k != "loss"}
     assert set(parts) == {"long", "short", "multi_positive", "grouping", "holistic"}
     total = sum(getattr(cfg, k) * v for k, v in parts.items())
