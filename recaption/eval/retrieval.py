@@ -53,6 +53,9 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image holds indices outside [0, {n_images}) of the {n_images} images")
     if image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"image and text embeddings differ in width: {image_emb.shape[1]} vs {text_emb.shape[1]}")
+    for what, emb in (("image", image_emb), ("text", text_emb)):
+        if not torch.isfinite(emb).all():
+            raise ValueError(f"{what} embeddings hold NaN or inf: the model's output is broken, no rank means anything")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -65,9 +68,9 @@ def retrieval_metrics(
 
     out: dict[str, float] = {}
     for k in ks:
-        out[f"i2t@{k}"] = 100.0 * float((i2t_rank < k).float().mean())
+        out[f"i2t@{k}"] = 100.0 * int((i2t_rank < k).sum()) / i2t_rank.numel()
     for k in ks:
-        out[f"t2i@{k}"] = 100.0 * float((t2i_rank < k).float().mean())
+        out[f"t2i@{k}"] = 100.0 * int((t2i_rank < k).sum()) / t2i_rank.numel()
     return out
 
 
@@ -84,8 +87,7 @@ def _text_to_image_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, owner:
         rows = torch.arange(scores.shape[0], device=scores.device)
         # The correct score is read from the same product it is compared with, so equal really means equal.
         correct = scores[rows, owner[start : start + step]]
-        rank = (scores >= correct[:, None]).sum(1) - 1  # minus the correct image itself
-        ranks.append(rank.masked_fill(correct.isnan(), scores.shape[1]))  # a NaN score is never a hit
+        ranks.append((scores >= correct[:, None]).sum(1) - 1)  # minus the correct image itself
     return torch.cat(ranks)
 
 
@@ -95,11 +97,17 @@ def _image_to_text_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, owner:
     ranks = []
     for start in range(0, image_emb.shape[0], step):
         scores = image_emb[start : start + step] @ text_emb.T  # (B, texts)
-        image_ids = torch.arange(start, start + scores.shape[0], device=scores.device)
-        own = owner[None, :] == image_ids[:, None]
-        best_own = scores.masked_fill(~own, float("-inf")).amax(1)
-        rank = ((scores >= best_own[:, None]) & ~own).sum(1)
-        ranks.append(rank.masked_fill(best_own.isnan(), scores.shape[1]))
+        n = scores.shape[0]
+        # The chunk's own (image, text) pairs, read from the same product: no (B, texts) mask is needed.
+        own_texts = ((owner >= start) & (owner < start + n)).nonzero().squeeze(1)
+        row = owner[own_texts] - start
+        own_scores = scores[row, own_texts]
+        best_own = torch.full((n,), float("-inf"), device=scores.device)
+        best_own = best_own.scatter_reduce(0, row, own_scores, "amax")
+        # Everything at or above the best own score, minus the own texts tied with it (any of them is a hit).
+        own_tied = torch.zeros(n, dtype=torch.long, device=scores.device)
+        own_tied = own_tied.index_add(0, row, (own_scores >= best_own[row]).long())
+        ranks.append((scores >= best_own[:, None]).sum(1) - own_tied)
     return torch.cat(ranks)
 
 

@@ -145,7 +145,7 @@ def zeroshot_metrics(
     scores = image_emb.float() @ classifier.float().T
     correct = scores.gather(1, labels[:, None])
     rank = (scores >= correct).sum(1) - 1
-    return {f"top{k}": 100.0 * float((rank < k).float().mean()) for k in sorted(set(ks))}
+    return {f"top{k}": 100.0 * int((rank < k).sum()) / max(1, rank.numel()) for k in sorted(set(ks))}
 
 
 def evaluate_zeroshot(

@@ -115,6 +115,8 @@ def test_bad_inputs_are_named():
         retrieval_metrics(torch.eye(2), torch.eye(2), [0])
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(torch.eye(2), torch.eye(2), [0, 2])
+    with pytest.raises(ValueError, match="text embeddings hold NaN"):
+        retrieval_metrics(torch.eye(2), torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [0, 1])
 
 
 class ColourEncoder:
