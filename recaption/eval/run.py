@@ -170,6 +170,7 @@ class EvalConfig(Strict):
     sets: list[SetSection] = Field(min_length=1)
     batch_size: int = Field(64, ge=1)
     ks: list[int] = Field([1, 5, 10], min_length=1, description="k of the retrieval Recall@k")
+    score_device: str | None = Field(None, description="where retrieval scores are computed; default model.device")
     output: str | None = Field(None, description="JSON file for the results (the hook appends JSON lines)")
 
 
@@ -219,7 +220,8 @@ def evaluate_sets(encoder: Encoder, loaded: list[tuple[Any, Any]], cfg: EvalConf
             metrics = evaluate_zeroshot(encoder, data, templates, cfg.batch_size, section.ks)
             counts = {"n_images": len(data.images), "n_classes": len(data.class_names)}
         else:
-            metrics = evaluate_retrieval(encoder, data, cfg.batch_size, cfg.ks)
+            device = cfg.score_device or (cfg.model.device if cfg.model else "cpu")
+            metrics = evaluate_retrieval(encoder, data, cfg.batch_size, cfg.ks, device)
             counts = {"n_images": len(data.images), "n_texts": len(data.texts)}
         results[data.name] = {**metrics, **counts, "seconds": round(time.perf_counter() - start, 2)}
         log.info("eval %s: %s", data.name, results[data.name])
