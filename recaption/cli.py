@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 
+    ev = sub.add_parser(
+        "eval", help="measure a model: image-text retrieval R@k and zero-shot top-k on the sets an eval YAML lists"
+    )
+    ev.add_argument("config", help="eval YAML: model (a CLIP checkpoint dir), sets (format + path), batch_size, output")
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.path=/ckpt/clip --set sets.0.limit=1000 (repeatable)",
+    )
+    ev.set_defaults(func=cmd_eval)
+
     convert = sub.add_parser("convert", help="rewrite a released checkpoint into a format the engines load")
     formats = convert.add_subparsers(dest="format", required=True)
     sharegpt4v = formats.add_parser(
@@ -114,6 +128,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     path = build_tiny(args.family, args.out, seed=args.seed)
     print(f"tiny {args.family} model (random weights) saved to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from recaption.eval.run import run_eval
+
+    run_eval(args.config, args.overrides)
     return 0
 
 

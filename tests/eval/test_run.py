@@ -136,3 +136,19 @@ def test_eval_hook_for_the_trainer(tmp_path):
     hook(model, 200)
     lines = [json.loads(line) for line in (tmp_path / "hook.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [100, 200] and lines[0]["results"]["walls"]["n_images"] == 3
+
+
+def test_recaption_eval_command(tiny_clip, tmp_path, capsys):
+    from recaption.cli import main
+
+    config = {
+        "model": {"path": str(tiny_clip)},
+        "sets": [{"format": "synthetic", "size": 4, "image_size": 48, "name": "syn"}],
+        "output": str(tmp_path / "eval.json"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(tmp_path / "eval.yaml"), "--set", "batch_size=2"]) == 0
+    assert "syn" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["syn"]["n_images"] == 4
+    assert main(["eval", str(tmp_path / "eval.yaml"), "--set", "sets.0.sizee=3"]) == 2
+    assert "sets.0" in capsys.readouterr().err
