@@ -30,7 +30,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 def part_paths(out: OutputDir) -> list[str]:
     """The output's `part-*.parquet` files, sorted; InputError when there are none."""
-    infos = out.fs.get_file_info(pafs.FileSelector(out.root, allow_not_found=True))
+    if out.fs.get_file_info(out.root).type != pafs.FileType.Directory:
+        raise InputError(f"output directory not found: {out.root}")
+    infos = out.fs.get_file_info(pafs.FileSelector(out.root))
     parts = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     if not parts:
         raise InputError(f"no part-*.parquet files in {out.root}: not a recaption output (or nothing committed yet)")

@@ -297,4 +297,4 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
     report["plots"] = sorted(plots)
     dest.write_json(dest.path("report.json"), report)
     dest.write_atomic(dest.path("index.html"), render_page(report, plots).encode())
-    return report
+    return {**report, "page": dest.path("index.html")}
