@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from recaption.shards.fs import is_uri
-from recaption.train.config import TrainConfig
+from recaption.train.config import TrainConfig, load_train_config
 from recaption.train.data import caption_texts, output_parts, source_input
 from recaption.train.loop import EvalHook, train
 from recaption.train.tokenizer import prepare_tokenizer
@@ -36,6 +36,16 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
     prepare_tokenizer(cfg.model.text, run_dir, lambda: caption_texts(cfg.data.path))
     return cfg
+
+
+def train_command(config: str, overrides: list[str] = (), progress: bool = True) -> int:
+    """`recaption train CONFIG [--set key=value ...]`: load, train, print where the results are; the exit code."""
+    summary = run_training(load_train_config(config, overrides), progress=progress)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"run:      {summary['run_dir']} (metrics.jsonl, checkpoints/)")
+    print(f"steps:    {summary['step']}" + (f", last loss {last['loss']:.4f}" if "loss" in last else ""))
+    print(f"model:    {summary['export']} (load with recaption.train.model.load_pretrained)")
+    return 0
 
 
 def run_training(cfg: TrainConfig, progress: bool = True, eval_hook: EvalHook | None = None) -> dict:
