@@ -18,7 +18,8 @@ def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
     """The report's PNGs by file name (matplotlib, no pyplot: no global state, no display needed)."""
     series = [(f"{c['model']} / {c['prompt']}", c) for c in report["captions"]]
     kinds = {e["kind"]: e["count"] for e in report["errors"][:10]}
-    plots = {"status.png": _bars([("rows by status", report["status"]), ("failed rows by error kind", kinds)])}
+    panels = [("rows by status", report["status"])] + ([("failed rows by error kind", kinds)] if kinds else [])
+    plots = {"status.png": _bars(panels)}
     for field, label in HISTOGRAMS.items():
         plots[f"{field}.png"] = _histograms([(n, c[field]["hist"]) for n, c in series], label)
     plots["flags.png"] = _grouped("share of captions with each flag", [(n, c["flag_share"]) for n, c in series])
@@ -78,14 +79,16 @@ def _histograms(series: list[tuple[str, list[list[int]]]], xlabel: str) -> bytes
     import numpy as np
 
     fig, (ax,) = _figure(1, 3.2)
+    low = min((h[0][0] for _, h in series if h), default=0)
     top = max((h[-1][0] for _, h in series if h), default=0)
-    bins = np.arange(-0.5, top + 1.5) if top < 40 else np.linspace(0, top + 1, 41)
+    bins = np.arange(low - 0.5, top + 1.5) if top - low < 40 else np.linspace(low, top + 1, 41)
     for name, hist in series:
         if hist:
             counts, _ = np.histogram([v for v, _ in hist], bins=bins, weights=[c for _, c in hist])
             ax.stairs(counts, bins, label=name, linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("captions")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     if series:
         ax.legend(fontsize=8)
     return _png(fig)
@@ -130,8 +133,9 @@ CAPTION_COLUMNS = {
     "top opening share": "top_opening_share",
 }
 STYLE = (
-    "body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}table{border-collapse:collapse;"
-    "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}th{background:#eef}"
+    "body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}div.t{overflow-x:auto}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:12px}td,th{border:1px solid #ccc;padding:3px 5px;"
+    "text-align:left;vertical-align:top}th{background:#eef}"
     "img{max-width:100%;display:block;margin:1em 0}.big{font-size:18px}.small{color:#777}"
 )
 
@@ -188,7 +192,7 @@ def _img(plots: dict[str, bytes], name: str) -> str:
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{escape(_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{cells}</table>"
+    return f"<div class=t><table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{cells}</table></div>"
 
 
 def _get(obj: dict, path: str) -> Any:
