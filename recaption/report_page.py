@@ -28,10 +28,10 @@ def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
     return plots
 
 
-def _figure(rows: int, height: float = 2.6):
+def _figure(rows: int, height: float = 2.6, width: float = 8):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, height * rows), layout="constrained")
+    fig = Figure(figsize=(width, height * rows), layout="constrained")
     return fig, fig.subplots(rows, 1, squeeze=False)[:, 0]
 
 
@@ -79,8 +79,8 @@ def _histograms(series: list[tuple[str, list[list[int]]]], xlabel: str) -> bytes
     import numpy as np
 
     fig, (ax,) = _figure(1, 3.2)
-    low = min((h[0][0] for _, h in series if h), default=0)
     top = max((h[-1][0] for _, h in series if h), default=0)
+    low = max(0, min(min((h[0][0] for _, h in series if h), default=0), top - 4))  # ≥ 5 bins: integer ticks
     bins = np.arange(low - 0.5, top + 1.5) if top - low < 40 else np.linspace(low, top + 1, 41)
     for name, hist in series:
         if hist:
@@ -105,13 +105,13 @@ def _agreement(pairs: list[dict]) -> bytes:
     for (a, b), values in by_pair.items():
         i, j = models.index(a), models.index(b)
         matrix[i, j] = matrix[j, i] = sum(values) / len(values)
-    fig, (ax,) = _figure(1, 3.6)
+    fig, (ax,) = _figure(1, 1.5 + 0.6 * len(models), width=2.5 + 0.8 * len(models))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
-    ax.set_title("mean Jaccard of content words, same image and prompt", fontsize=10, loc="left")
+    ax.set_title("agreement: mean Jaccard of content words", fontsize=9)
     fig.colorbar(im, ax=ax)
     return _png(fig)
 
