@@ -64,14 +64,14 @@ def train(
     loader = Batches(cfg, tokenizer, rank, world, data_state)
     batches = prefetch(iter(loader))
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
-    bar = progress_bar(cfg.run.steps, step, enabled=progress and main)
+    bar = ProgressBar(cfg.run.steps, step, enabled=progress and main)
     accum, micro_batch = cfg.run.grad_accum, cfg.run.batch_size
     history: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.run.steps:
             model.train()
-            totals: dict[str, float] = {}
+            totals: dict[str, torch.Tensor] = {}  # summed on the device; read (a sync) only when logged
             for micro in range(accum):
                 batch = next(batches)
                 inputs = {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS if k in batch}
@@ -85,7 +85,7 @@ def train(
                         losses = compute_losses(out, cfg.loss)
                     scaler.scale(losses["loss"] / accum).backward()
                 for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value.item() / accum
+                    totals[name] = totals.get(name, 0.0) + value.detach() / accum
             scaler.unscale_(optimizer)
             limit = cfg.optim.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
@@ -103,7 +103,7 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
-                    **{k: round(v, 6) for k, v in totals.items()},
+                    **{k: round(v.item(), 6) for k, v in totals.items()},
                     "lr": scheduler.get_last_lr()[0],
                     "logit_scale": round(model.logit_scale.exp().item(), 4),
                     "grad_norm": round(float(grad_norm), 4),
@@ -204,7 +204,7 @@ def log(main: bool, message: str) -> None:
         print(message, flush=True)
 
 
-class progress_bar:
+class ProgressBar:
     """tqdm on the main worker when asked for, a do-nothing object elsewhere."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:

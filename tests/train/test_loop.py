@@ -89,3 +89,22 @@ def test_bf16_autocast_with_accumulation_and_a_refused_resume(caption_output, tm
     changed = tiny_config(caption_output, tmp_path, "run.steps=4", "model.embed_dim=24")
     with pytest.raises(ConfigError, match="another model config"):
         run_training(changed, progress=False)
+
+
+def test_holistic_branches_without_corners_and_other_switches_train(caption_output, tmp_path):
+    cfg = tiny_config(
+        caption_output,
+        tmp_path,
+        "run.steps=2",
+        "model.image.num_class_tokens=3",
+        "sampling.holistic=[alt_text, 'prompt:short', long]",
+        "loss.holistic=1.0",
+        "loss.grouping_scope=image",
+        "loss.long_slots=cls",
+        "model.text.num_corners=0",
+        "sampling.merge=2",
+    )
+    summary = run_training(cfg, progress=False)
+    first = summary["history"][0]
+    assert {"long", "short", "multi_positive", "grouping", "holistic"} <= first.keys()
+    assert all(math.isfinite(first[k]) for k in ("long", "holistic", "grouping"))
