@@ -172,7 +172,7 @@ class Batches:
         self, cfg: TrainConfig, tokenizer, rank: int = 0, world: int = 1, state: DataState | None = None
     ) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.sampler = TextSampler(cfg.sampling, cfg.run.seed, cfg.model.image.num_class_tokens)
+        self.sampler = TextSampler(cfg.sampling, cfg.run.seed)
         self.stream = ExampleStream(cfg, self.sampler, rank, world)
         self.state = state or DataState()
         loss, corners = cfg.loss, cfg.model.text.num_corners

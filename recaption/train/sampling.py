@@ -43,10 +43,9 @@ def draw(units: list[str], k: int, rng: random.Random) -> list[str]:
 class TextSampler:
     """Chooses an image's texts from its output row; deterministic given (seed, epoch, key)."""
 
-    def __init__(self, cfg: SamplingConfig, seed: int, num_branches: int = 1) -> None:
+    def __init__(self, cfg: SamplingConfig, seed: int) -> None:
         self.cfg = cfg
         self.seed = seed
-        self.num_branches = num_branches
         self.short_prompts = {s.split(":", 1)[1] for s in cfg.short if s.startswith("prompt:")}
 
     def usable(self, row: dict) -> list[dict]:
