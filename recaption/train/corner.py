@@ -44,7 +44,10 @@ class CornerTextTower(nn.Module):
     """A BERT-style encoder with K learnable corner embeddings after CLS; K+1 slot embeddings through one projection.
 
     Input is what a BERT tokenizer gives (`[CLS] text [SEP] [PAD]…`); the corners are inserted as embeddings, so the
-    vocabulary is untouched and a pretrained checkpoint loads as it is. With K=0 this is a plain CLS-pooled tower.
+    vocabulary is untouched and a pretrained checkpoint loads as it is (LoTLIP's code appends K ids to the vocabulary
+    instead: the same learned vectors at the same positions). Slots go straight to the shared linear projection,
+    where LoTLIP's code first passes them through BERT's NSP pooler (dense + tanh). With K=0 this is a plain
+    CLS-pooled tower.
     """
 
     def __init__(

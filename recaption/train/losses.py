@@ -60,6 +60,7 @@ def multi_positive_loss(image: torch.Tensor, texts: torch.Tensor, scale: torch.T
     Text→image: each sub-caption is classified among the N images. Image→text: each of an image's K positives is
     classified among all N·K texts (its other K-1 positives sit in the denominator, as in the paper's equation).
     The paper sums over pairs; we average, so weights do not depend on batch size or K. With K=1 this is `info_nce`.
+    DreamLIP's training code is not released (its README lists it as to do): this follows the paper's equation.
     """
     image, texts = gather(image), gather(texts)
     n, k, d = texts.shape
@@ -85,7 +86,9 @@ def grouping_loss(
     texts: torch.Tensor, patches: torch.Tensor, scale: torch.Tensor, threshold: float = 0.5, scope: str = "batch"
 ) -> torch.Tensor:
     """DreamLIP's grouping loss: each sub-caption (N, K, D) against the patch tokens (N, P, D) of its image pooled by
-    its own weights; InfoNCE over all B·K pairs of the global batch (`batch`), or over one image's K (`image`)."""
+    its own weights; InfoNCE over all B·K pairs of the global batch (`batch`, our default, which also holds the
+    image's own other sub-captions as negatives), or over one image's K only (`image`, the denominator the paper's
+    equation writes)."""
     weights = grouping_weights(texts, patches, threshold)
     pooled = F.normalize(torch.einsum("nkp,npd->nkd", weights, patches), dim=-1)
     if scope == "image":
@@ -96,7 +99,11 @@ def grouping_loss(
 
 
 def multi_branch_loss(branches: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Holistic CLIP's multi-to-multi loss: image branch i (N, M, D) against text i (N, M, D), averaged over M."""
+    """Holistic CLIP's multi-to-multi loss: image branch i (N, M, D) against text i (N, M, D), averaged over M.
+
+    The paper's one-to-one pairing of branches and perspectives; the released code also adds the other
+    perspectives' texts as extra negatives and, with fewer texts than branches, matches each text to its best
+    branch, neither of which the paper's equation has."""
     return torch.stack([info_nce(branches[:, m], texts[:, m], scale) for m in range(branches.shape[1])]).mean()
 
 
