@@ -74,6 +74,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_eval)
 
+    report = sub.add_parser("report", help="statistics and plots of an output: OUTPUT/_report/index.html, report.json")
+    report.add_argument("output", help="the output directory of a run (its output.path)")
+    report.add_argument(
+        "--text-sample",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="rows (chosen by key hash) for the word statistics: vocabulary, n-grams, openings, agreement; 0: all",
+    )
+    report.set_defaults(func=cmd_report)
+
+    inspect = sub.add_parser("inspect", help="print rows' captions beside their metadata; save their images as PNG")
+    inspect.add_argument("output", help="the output directory of a run")
+    inspect.add_argument("--key", action="append", default=[], metavar="K", help="a row's key (repeatable)")
+    inspect.add_argument("--sample", type=int, default=0, metavar="N", help="N rows chosen at random")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    inspect.add_argument("--out", metavar="DIR", help="where the PNGs and index.html go (default OUTPUT/_inspect)")
+    inspect.add_argument("--input", metavar="PATH", help="the input's path, when its shards moved since the run")
+    inspect.set_defaults(func=cmd_inspect)
+
+    export = sub.add_parser("export", help="an output as webdataset tars (with images), a HF dataset, or JSONL")
+    export.add_argument("output", help="the output directory of a run")
+    export.add_argument("--to", required=True, choices=["webdataset", "hf", "jsonl"], help="the format")
+    export.add_argument("dest", help="a directory (webdataset, hf) or a file (jsonl; .jsonl.gz compresses)")
+    export.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="export failed and skipped rows too (hf: image null; jsonl: as rows; webdataset: DEST/failed.jsonl)",
+    )
+    export.add_argument(
+        "--caption",
+        default="first",
+        metavar="first|alt_text|MODEL[/PROMPT]",
+        help="the text of each sample's `caption` (.txt in webdataset); first: the first model's first prompt",
+    )
+    export.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per webdataset tar")
+    export.add_argument("--input", metavar="PATH", help="the input's path, when its shards moved since the run")
+    export.set_defaults(func=cmd_export)
+
     convert = sub.add_parser("convert", help="rewrite a released checkpoint into a format the engines load")
     formats = convert.add_subparsers(dest="format", required=True)
     sharegpt4v = formats.add_parser(
@@ -135,6 +174,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from recaption.eval.run import run_eval
 
     run_eval(args.config, args.overrides)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recaption.report import build_report
+
+    report = build_report(args.output, text_sample=args.text_sample or None)
+    s = report["status"]
+    print(f"{report['rows']} rows ({s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped): {report['page']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from recaption.inspect import inspect_output
+
+    inspect_output(
+        args.output, keys=args.key, sample=args.sample, seed=args.seed, out_dir=args.out, input_path=args.input
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from recaption.export import export_output
+
+    result = export_output(
+        args.output,
+        args.to,
+        args.dest,
+        include_failed=args.include_failed,
+        caption=args.caption,
+        shard_size=args.shard_size,
+        input_path=args.input,
+    )
+    print(f"exported {result['rows']} rows as {result['format']} to {result['dest']}")
     return 0
 
 

@@ -80,6 +80,15 @@ def test_demo_end_to_end(tmp_path, capsys, ray_session):
     # A second demo run resumes: every unit is already done.
     assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20"]) == 0
     assert "0 run, 2 already done" in capsys.readouterr().out
+    # What users look at next: the report, one row with its image, an export.
+    output = str(tmp_path / "demo" / "output")
+    assert main(["report", output]) == 0
+    assert "20 rows (20 ok, 0 failed, 0 skipped)" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "output" / "_report" / "index.html").is_file()
+    assert main(["inspect", output, "--key", "000000001"]) == 0
+    assert "000000001" in capsys.readouterr().out and (tmp_path / "demo/output/_inspect/000000001.png").is_file()
+    assert main(["export", output, "--to", "jsonl", str(tmp_path / "rows.jsonl")]) == 0
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 20
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
