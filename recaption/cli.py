@@ -46,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+    train = sub.add_parser("train", help="train a long-text CLIP model on a pipeline output, as a train YAML describes")
+    train.add_argument("config", help="train YAML, e.g. pipelines/train-tiny.yaml")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.path=/data/captions (repeatable)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
     demo = sub.add_parser("demo", help="the whole pipeline on generated images with a tiny local model")
     demo.add_argument("--out", default="demo-out", help="directory for the demo's input shards and output")
     demo.add_argument("--images", type=int, default=48, help="how many images to generate")
@@ -138,6 +151,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     print_summary(summary)
     return 1 if summary.unit_errors else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from recaption.train.run import train_command
+
+    return train_command(args.config, args.overrides, progress=not args.no_progress)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
