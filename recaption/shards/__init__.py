@@ -37,3 +37,4 @@ class SourceRecord:
     alt_text: str | None = None
     error: str | None = None  # set when the reader already knows the row cannot be used (null image, bad member)
     source: str | None = None  # the row's own file relative to the input root where it is not the unit's (folders)
+    meta: dict | None = None  # a webdataset sample's parsed `.json` member (e.g. a row of `recaption export`)

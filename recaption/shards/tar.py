@@ -79,12 +79,12 @@ class _Sample:
         caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
         alt_text = self.text if self.text is not None else caption
         if self.problem:
-            return SourceRecord(key=self.key, image=None, url=url, alt_text=alt_text, error=self.problem)
+            return SourceRecord(key=self.key, image=None, url=url, alt_text=alt_text, error=self.problem, meta=meta)
         if self.image is None:
             found = ", ".join("." + e if e else "(no extension)" for e in sorted(self.exts))
             error = f"no image member for key {self.key!r} (found {found})"
-            return SourceRecord(key=self.key, image=None, url=url, alt_text=alt_text, error=error)
-        return SourceRecord(key=self.key, image=self.image, url=url, alt_text=alt_text)
+            return SourceRecord(key=self.key, image=None, url=url, alt_text=alt_text, error=error, meta=meta)
+        return SourceRecord(key=self.key, image=self.image, url=url, alt_text=alt_text, meta=meta)
 
 
 def iter_records(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:

@@ -1,4 +1,5 @@
-"""Output Parquet + images read from the source shards it names → shuffled, resumable batches of pixels and tokens."""
+"""Output Parquet + images read from the source shards it names (or a webdataset export) → shuffled, resumable
+batches of pixels and tokens."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from PIL import Image, ImageOps
 from recaption.config import InputConfig
 from recaption.errors import InputError
 from recaption.images import FORMATS, to_rgb
-from recaption.shards.fs import display, join, list_files, open_input_file
+from recaption.shards.fs import basename, display, join, list_files, open_input, open_input_file
 from recaption.shards.plan import plan_units
 from recaption.shards.read import read_unit
+from recaption.shards.tar import read_samples
 from recaption.train.config import TrainConfig
 from recaption.train.sampling import TextSampler, example_rng
 from recaption.train.tokenizer import encode
@@ -59,6 +61,22 @@ def output_parts(path: str) -> list[str]:
     return parts
 
 
+def export_shards(path: str) -> list[str]:
+    """The tars of a `recaption export --to webdataset` directory when `path` is one (it has no part files)."""
+    files = [f.path for f in list_files(path)]
+    if any(f.startswith("part-") and f.endswith(".parquet") for f in files):
+        return []
+    return [join(path, f) for f in files if f.endswith(".tar")]
+
+
+def export_rows(shard: str) -> Iterator[tuple[dict, bytes]]:
+    """(row, image bytes) of an exported shard's samples: each `.json` member is the row with its captions."""
+    with open_input(shard) as stream:
+        for record in read_samples(stream, basename(shard)):
+            if record.error is None and record.meta and record.image:
+                yield record.meta, record.image
+
+
 def source_input(parts: list[str], input_path: str | None) -> InputConfig:
     """The input section of the run that wrote `parts`, pointed at `input_path` when the shards have moved."""
     with open_input_file(parts[0]) as f:
@@ -70,11 +88,9 @@ def source_input(parts: list[str], input_path: str | None) -> InputConfig:
 
 
 def caption_texts(path: str, limit: int = 50_000) -> Iterator[str]:
-    """Alt texts and captions of the first part files, for training a tokenizer on the data's own words."""
+    """Alt texts and captions of the first part files (or exported shards), for training a tokenizer on them."""
     n = 0
-    for part in output_parts(path):
-        with open_input_file(part) as f:
-            rows = pq.read_table(f, columns=["alt_text", "captions"]).to_pylist()
+    for rows in _row_groups(path):
         for row in rows:
             for text in [row["alt_text"], *(c["text"] for c in row["captions"] or [])]:
                 if text:
@@ -84,6 +100,16 @@ def caption_texts(path: str, limit: int = 50_000) -> Iterator[str]:
                 return
 
 
+def _row_groups(path: str) -> Iterator[list[dict]]:
+    shards = export_shards(path)
+    if shards:
+        yield from ([row for row, _ in export_rows(shard)] for shard in shards)
+        return
+    for part in output_parts(path):
+        with open_input_file(part) as f:
+            yield pq.read_table(f, columns=["alt_text", "captions"]).to_pylist()
+
+
 class ExampleStream:
     """One worker's examples, epoch after epoch: part files shuffled per epoch and split over workers, `open_parts`
     of them interleaved, then a shuffle buffer. Deterministic given (seed, epoch, rank, world)."""
@@ -91,9 +117,13 @@ class ExampleStream:
     def __init__(self, cfg: TrainConfig, sampler: TextSampler, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.sampler, self.rank, self.world = cfg.data, sampler, rank, world
         self.seed = cfg.run.seed
-        self.parts = output_parts(cfg.data.path)
-        self.input_cfg = source_input(self.parts, cfg.data.input_path)
-        self.units = {u.unit: u for u in plan_units(self.input_cfg)}
+        self.exported = bool(export_shards(cfg.data.path))  # a webdataset export carries its images and rows
+        if self.exported:
+            self.parts = export_shards(cfg.data.path)
+        else:
+            self.parts = output_parts(cfg.data.path)
+            self.input_cfg = source_input(self.parts, cfg.data.input_path)
+            self.units = {u.unit: u for u in plan_units(self.input_cfg)}
 
     def epoch(self, epoch: int) -> Iterator[Example]:
         order = list(self.parts)
@@ -131,6 +161,11 @@ class ExampleStream:
 
     def _part(self, part: str) -> Iterator[Example]:
         """The trainable rows of one part file, joined by key with the images read from their source shard."""
+        if self.exported:
+            yield from (
+                Example(row["key"], image, row) for row, image in export_rows(part) if self.sampler.trainable(row)
+            )
+            return
         with open_input_file(part) as f:
             rows = pq.read_table(f, columns=COLUMNS).to_pylist()
         by_unit: dict[str, dict[str, dict]] = {}

@@ -11,7 +11,7 @@ import yaml
 
 from recaption.shards.fs import is_uri
 from recaption.train.config import TrainConfig, load_train_config
-from recaption.train.data import caption_texts, output_parts, source_input
+from recaption.train.data import caption_texts, export_shards, output_parts, source_input
 from recaption.train.loop import EvalHook, train
 from recaption.train.tokenizer import prepare_tokenizer
 
@@ -24,10 +24,13 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
         cfg.data.path = os.path.abspath(cfg.data.path)
     # The source shards as the pipeline saw them, resolved from here: a relative input path was relative to the
     # directory the pipeline ran in, which is the best guess we have.
-    input_path = source_input(output_parts(cfg.data.path), cfg.data.input_path).path
-    cfg.data.input_path = input_path if is_uri(input_path) else os.path.abspath(input_path)
+    if not export_shards(cfg.data.path):  # a webdataset export holds its images: no source shards to find
+        input_path = source_input(output_parts(cfg.data.path), cfg.data.input_path).path
+        cfg.data.input_path = input_path if is_uri(input_path) else os.path.abspath(input_path)
     cfg.run.output = os.path.abspath(cfg.run.output)
     text, image = cfg.model.text, cfg.model.image
+    if cfg.eval is not None and not is_uri(cfg.eval.config):
+        cfg.eval.config = os.path.abspath(cfg.eval.config)
     for section, key in ((text, "pretrained"), (text, "tokenizer"), (image, "pretrained")):
         if getattr(section, key):
             setattr(section, key, os.path.abspath(getattr(section, key)))
@@ -49,8 +52,13 @@ def train_command(config: str, overrides: list[str] = (), progress: bool = True)
 
 
 def run_training(cfg: TrainConfig, progress: bool = True, eval_hook: EvalHook | None = None) -> dict:
-    """Train as `cfg` says: 1 worker in this process, N workers through Ray Train's TorchTrainer."""
+    """Train as `cfg` says: 1 worker in this process, N workers through Ray Train's TorchTrainer. Without an explicit
+    `eval_hook`, the config's `eval` section (if any) makes one; the loop calls it on rank 0 only."""
     cfg = prepare_run(cfg)
+    if eval_hook is None and cfg.eval is not None:
+        from recaption.eval.trainer import trainer_hook
+
+        eval_hook = trainer_hook(cfg.eval.config, cfg.model, cfg.eval.text_slot)  # a bad eval set fails here, early
     if cfg.distributed.num_workers == 1:
         return train(cfg, eval_hook=eval_hook, progress=progress)
     return run_on_ray(cfg, progress, eval_hook)

@@ -86,3 +86,19 @@ def test_a_directory_without_parts_is_an_input_error(tmp_path):
 
 def test_data_state_round_trip():
     assert DataState(**DataState(3, 7).to_dict()) == DataState(3, 7)
+
+
+def test_a_webdataset_export_trains_like_the_output_it_came_from(caption_output, tmp_path, tokenizer):
+    from recaption.export import export_output
+    from recaption.train.run import prepare_run
+
+    export_output(str(caption_output), "webdataset", str(tmp_path / "wds"), shard_size=16)
+    direct = tiny_config(caption_output, tmp_path / "a", "data.shuffle_buffer=1")
+    exported = tiny_config(tmp_path / "wds", tmp_path / "b", "data.shuffle_buffer=1")
+    rows = {ex.key: ex for ex in stream(direct).epoch(0)}
+    from_export = {ex.key: ex for ex in stream(exported).epoch(0)}
+    assert set(from_export) == set(rows) and len(rows) == N_IMAGES - 1  # the failed row is in neither
+    for key, ex in from_export.items():
+        assert ex.image == rows[key].image and ex.row["captions"] == rows[key].row["captions"]
+    batch = next(iter(Batches(prepare_run(exported), tokenizer)))
+    assert batch["pixel_values"].shape[0] == exported.run.batch_size
