@@ -30,14 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="re-caption a dataset as a pipeline YAML describes")
     run.add_argument("config", help="pipeline YAML, e.g. pipelines/llava15.yaml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set input.path=/data/shards (repeatable)",
-    )
+    add_overrides(run, "input.path=/data/shards")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--overwrite",
@@ -48,14 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a long-text CLIP model on a pipeline output, as a train YAML describes")
     train.add_argument("config", help="train YAML, e.g. pipelines/train-tiny.yaml")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set data.path=/data/captions (repeatable)",
-    )
+    add_overrides(train, "data.path=/data/captions")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -77,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="measure a model: image-text retrieval R@k and zero-shot top-k on the sets an eval YAML lists"
     )
     ev.add_argument("config", help="eval YAML: model (a CLIP checkpoint dir), sets (format + path), batch_size, output")
-    ev.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.path=/ckpt/clip --set sets.0.limit=1000 (repeatable)",
-    )
+    add_overrides(ev, "model.path=/ckpt/clip")
     ev.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="statistics and plots of an output: OUTPUT/_report/index.html, report.json")
@@ -141,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sharegpt4v.set_defaults(func=cmd_convert_sharegpt4v)
     return parser
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -329,10 +329,17 @@ def load_config(
     path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None
 ) -> PipelineConfig:
     """Read a pipeline YAML (or a dict), apply `--set` overrides, validate. Errors name the offending key."""
+    return load_model(PipelineConfig, path, overrides, data)
+
+
+def load_model(
+    model: type[BaseModel], path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None
+) -> Any:
+    """Any config model (pipeline, train, eval) from a YAML file or a dict, with `--set` overrides applied."""
     raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
     for item in overrides:
         apply_override(raw, *parse_override(item))
-    return validate(PipelineConfig, raw, str(path) if path else "config")
+    return validate(model, raw, str(path) if path else "config")
 
 
 def validate(model: type[BaseModel], raw: dict[str, Any], where: str) -> Any:
