@@ -77,7 +77,12 @@ def _unit(out: Any) -> torch.Tensor:
 
 
 def load_encoder(kind: str, path: str | Path, **options: Any) -> Encoder:
-    """The encoder for a model section of an eval config. Only `clip` for now; the trainer's models add theirs."""
+    """The encoder for a model section of an eval config: `clip` (transformers CLIP) or `recaption` (a trainer export,
+    `recaption.eval.trainer.TrainerEncoder`)."""
     if kind == "clip":
         return CLIPEncoder(path, **options)
-    raise ValueError(f"unknown encoder kind {kind!r}; known: clip")
+    if kind == "recaption":
+        from recaption.eval.trainer import TrainerEncoder
+
+        return TrainerEncoder.from_pretrained(path, **options)
+    raise ValueError(f"unknown encoder kind {kind!r}; known: clip, recaption")

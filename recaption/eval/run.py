@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class ModelSection(Strict):
-    """The model to measure: a transformers CLIP checkpoint directory for now."""
+    """The model to measure: a transformers CLIP checkpoint directory, or a `recaption train` export."""
 
-    kind: Literal["clip"] = "clip"
+    kind: Literal["clip", "recaption"] = Field("clip", description="clip, or recaption: <run.output>/final")
     path: str = Field(description="checkpoint directory written by CLIPModel.save_pretrained (+ tokenizer, processor)")
+    text_slot: Literal["cls", "mean"] = Field(
+        "cls", description="recaption models: text embedding from the CLS slot or the mean of CLS and corner slots"
+    )
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_length: int | None = Field(None, ge=1, description="text tokens kept; default: the text tower's positions")
@@ -241,7 +244,10 @@ def run_eval(
         if cfg.model is None:
             raise ConfigError("model: required key is missing (e.g. model: {path: /ckpt/clip-vit-b16})")
         m = cfg.model
-        encoder = load_encoder(m.kind, m.path, device=m.device, dtype=m.dtype, max_length=m.max_length)
+        options = {"device": m.device, "dtype": m.dtype, "max_length": m.max_length}
+        encoder = load_encoder(
+            m.kind, m.path, **options, **({"text_slot": m.text_slot} if m.kind == "recaption" else {})
+        )
     results = evaluate_sets(encoder, load_sets(cfg), cfg)
     payload = {"model": cfg.model.model_dump() if cfg.model else None, "config": cfg.model_dump(), "results": results}
     print(format_table(results))

@@ -158,6 +158,16 @@ class DistributedConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray")
 
 
+class EvalSection(Strict):
+    """Periodic eval inside the trainer (rank 0): an eval YAML's sets measured every N steps, into metrics.jsonl."""
+
+    config: str = Field(description="An eval YAML (`recaption eval`); its `model` section is ignored")
+    every: int | None = Field(None, gt=0, description="Steps between evals; default: run.eval_every")
+    text_slot: Literal["cls", "mean"] = Field(
+        "cls", description="Text embedding: the CLS slot or the mean of all slots"
+    )
+
+
 class TrainConfig(Strict):
     """A whole training run."""
 
@@ -168,9 +178,14 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    eval: EvalSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.eval is not None and self.eval.every:
+            self.run.eval_every = self.eval.every  # one place the loop reads
+        if self.eval is not None and not self.run.eval_every:
+            raise ValueError("eval needs eval.every (or run.eval_every): steps between evals")
         text, image = self.model.text, self.model.image
         if text.num_corners + 3 > text.context_length:
             raise ValueError(f"model.text.context_length {text.context_length} leaves no room for text")
