@@ -62,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="measure a model: image-text retrieval R@k and zero-shot top-k on the sets an eval YAML lists"
     )
-    ev.add_argument("config", help="eval YAML: model (a CLIP checkpoint dir), sets (format + path), batch_size, output")
+    ev.add_argument(
+        "config",
+        help="eval YAML: model (a CLIP checkpoint dir), sets (format + path), batch_size, output; or `synthetic`: "
+        "train tiny models on generated scenes for the short/long/corner-token ablation and report it",
+    )
+    ev.add_argument("--size", type=int, default=400, help="synthetic: train scenes (held-out: a quarter, at least 16)")
+    ev.add_argument("--repeats", type=int, default=3, help="synthetic: training seeds per arm")
+    ev.add_argument("--steps", type=int, default=150, help="synthetic: training steps per model")
+    ev.add_argument("--out", default="eval-synthetic", help="synthetic: directory for data, runs, JSON and PNG")
     add_overrides(ev, "model.path=/ckpt/clip")
     ev.set_defaults(func=cmd_eval)
 
@@ -182,6 +190,11 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from recaption.eval.run import run_eval
 
+    if args.config == "synthetic":
+        from recaption.eval.ablation import run_ablation
+
+        run_ablation(args.out, size=args.size, repeats=args.repeats, steps=args.steps)
+        return 0
     run_eval(args.config, args.overrides)
     return 0
 
