@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from recaption.config import Strict, apply_override, parse_override, read_yaml, validate
+from recaption.config import Strict, load_model
 from recaption.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -181,10 +180,7 @@ def load_eval_config(
     path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None
 ) -> EvalConfig:
     """Read an eval YAML (or a dict), apply `--set` overrides, validate. Errors name the offending key."""
-    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
-    for item in overrides:
-        apply_override(raw, *parse_override(item))
-    return validate(EvalConfig, raw, str(path) if path else "eval config")
+    return load_model(EvalConfig, path, overrides, data)
 
 
 def _resolve(config: EvalConfig | str | Path | dict[str, Any], overrides: list[str] = ()) -> EvalConfig:

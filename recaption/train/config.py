@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from recaption.config import Strict, apply_override, config_hash, parse_override, read_yaml, validate
+from recaption.config import Strict, config_hash, load_model
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 TEXT_SOURCES = ("alt_text", "long", "prompt:<name>")
@@ -212,7 +211,4 @@ def load_train_config(
     path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Read a train YAML (or a dict), apply `--set` overrides, validate. Errors name the offending key."""
-    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
-    for item in overrides:
-        apply_override(raw, *parse_override(item))
-    return validate(TrainConfig, raw, str(path) if path else "config")
+    return load_model(TrainConfig, path, overrides, data)
