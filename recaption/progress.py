@@ -118,6 +118,13 @@ class Progress:
             state.update(unit_errors=self.n_errors, errors=dict(self.errors))
         return state
 
+    def write(self, text: str) -> None:
+        """A message line that does not break the bar (a trainer's metrics, a warning)."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
     def close(self, finished: bool = True) -> dict[str, Any]:
         """Ends the view with the final counts; `finished=False` when the run stopped early. Idempotent."""
         if self.closed:

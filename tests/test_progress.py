@@ -99,3 +99,18 @@ def test_pipeline_writes_progress_json_and_log_lines(tmp_path, ray_session, caps
     lines = [parse_progress_line(line) for line in capsys.readouterr().err.splitlines()]
     final = [p for p in lines if p and p["event"] == "done"]
     assert len(final) == 1 and final[0]["rows"] == 6 and final[0]["done"] == 3
+
+
+def test_a_trainer_view_counts_samples_and_writes_lines_between_updates():
+    import io
+
+    from recaption.progress import Progress
+
+    stream = io.StringIO()
+    view = Progress.for_steps(4, stream=stream, tty=False, interval_s=0.0)
+    for _ in range(4):
+        view.advance(1, {"samples": 8}, loss=1.5)
+    view.write("step 4  loss 1.5")
+    view.close()
+    assert view.snapshot()["samples"] == 32 and view.snapshot()["loss"] == 1.5
+    assert "train" in stream.getvalue() and "done" in stream.getvalue()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from recaption.progress import Progress
 from recaption.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recaption.train.config import TrainConfig
 from recaption.train.data import Batches, DataState, prefetch
@@ -64,7 +65,7 @@ def train(
     loader = Batches(cfg, tokenizer, rank, world, data_state)
     batches = prefetch(iter(loader))
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
-    bar = ProgressBar(cfg.run.steps, step, enabled=progress and main)
+    bar = Progress.for_steps(cfg.run.steps, initial=step, enabled=progress and main)
     accum, micro_batch = cfg.run.grad_accum, cfg.run.batch_size
     history: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
@@ -97,7 +98,7 @@ def train(
             step += 1
             window_steps += 1
             data_state = batch["state"]
-            bar.update(1)
+            bar.advance(1, {"samples": accum * micro_batch * world})
 
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start
@@ -196,32 +197,9 @@ def write_metrics(file, record: dict, bar) -> None:
     file.write(json.dumps(record) + "\n")
     file.flush()
     shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-    bar.write(shown) if bar.enabled else print(shown, flush=True)
+    bar.write(shown)
 
 
 def log(main: bool, message: str) -> None:
     if main:
         print(message, flush=True)
-
-
-class ProgressBar:
-    """tqdm on the main worker when asked for, a do-nothing object elsewhere."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step")
-
-    def update(self, n: int) -> None:
-        if self.bar:
-            self.bar.update(n)
-
-    def write(self, text: str) -> None:
-        self.bar.write(text)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
