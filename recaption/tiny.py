@@ -192,8 +192,9 @@ def _lm_tokenizer(image_token_attribute: bool) -> Any:
 
 def _qformer_tokenizer() -> Any:
     """A BERT-style WordPiece tokenizer, as InstructBLIP's Q-Former reads its instruction with one."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from recaption.train.tokenizer import as_bert_tokenizer
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -203,19 +204,7 @@ def _qformer_tokenizer() -> Any:
         CORPUS,
         trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=QFORMER_SPECIAL_TOKENS, show_progress=False),
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        padding_side="right",  # bidirectional encoder with absolute positions: keep text at position 0
-        model_max_length=128,
-    )
+    return as_bert_tokenizer(tok, model_max_length=128)
 
 
 def _llama_config(vocab_size: int) -> Any:

@@ -23,8 +23,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
     """
     from collections import Counter
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
@@ -37,6 +36,15 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
     vocab += ranked[: max(0, vocab_size - len(vocab))]
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, splitter, decoders.WordPiece()
+    return as_bert_tokenizer(tok, model_max_length=512)
+
+
+def as_bert_tokenizer(tok, model_max_length: int):
+    """A `tokenizers` WordPiece tokenizer with BERT's special tokens as a transformers tokenizer: `[CLS] text
+    [SEP]`, right padding (a bidirectional encoder with absolute positions keeps text at position 0)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -49,7 +57,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
         sep_token="[SEP]",
         mask_token="[MASK]",
         padding_side="right",
-        model_max_length=512,
+        model_max_length=model_max_length,
     )
 
 
