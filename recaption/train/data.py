@@ -117,9 +117,10 @@ class ExampleStream:
     def __init__(self, cfg: TrainConfig, sampler: TextSampler, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.sampler, self.rank, self.world = cfg.data, sampler, rank, world
         self.seed = cfg.run.seed
-        self.exported = bool(export_shards(cfg.data.path))  # a webdataset export carries its images and rows
+        shards = export_shards(cfg.data.path)  # a webdataset export carries its images and rows
+        self.exported = bool(shards)
         if self.exported:
-            self.parts = export_shards(cfg.data.path)
+            self.parts = shards
         else:
             self.parts = output_parts(cfg.data.path)
             self.input_cfg = source_input(self.parts, cfg.data.input_path)

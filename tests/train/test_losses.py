@@ -138,18 +138,23 @@ def test_every_loss_has_finite_gradients_and_the_total_is_the_weighted_sum():
     assert torch.isfinite(loss) and torch.isfinite(flat.grad).all()
 
 
+def three_losses(t: dict) -> dict:
+    """The batch-coupled losses of one batch (a worker's half or the whole), at a fixed logit scale."""
+    scale = torch.tensor(4.0)
+    return {
+        "info_nce": info_nce(t["image"], t["text"], scale),
+        "multi_positive": multi_positive_loss(t["image"], t["subs"], scale),
+        "grouping": grouping_loss(t["subs"], t["patches"], scale),
+    }
+
+
 def _two_process_losses(rank: int, world: int, init_file: str, data: dict, results) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         half = {k: v.chunk(world)[rank].clone().requires_grad_() for k, v in data.items()}
-        scale = torch.tensor(4.0)
-        losses = {
-            "info_nce": info_nce(half["image"], half["text"], scale),
-            "multi_positive": multi_positive_loss(half["image"], half["subs"], scale),
-            "grouping": grouping_loss(half["subs"], half["patches"], scale),
-        }
+        losses = three_losses(half)
         sum(losses.values()).backward()
         results[rank] = ({k: v.item() for k, v in losses.items()}, {k: v.grad for k, v in half.items()})
     finally:
@@ -165,12 +170,7 @@ def test_two_processes_compute_the_global_batch_loss_and_its_gradient(tmp_path):
         "patches": F.normalize(torch.randn(6, 5, 8, generator=gen), dim=-1),
     }
     full = {k: v.clone().requires_grad_() for k, v in data.items()}
-    scale = torch.tensor(4.0)
-    expected = {
-        "info_nce": info_nce(full["image"], full["text"], scale),
-        "multi_positive": multi_positive_loss(full["image"], full["subs"], scale),
-        "grouping": grouping_loss(full["subs"], full["patches"], scale),
-    }
+    expected = three_losses(full)
     sum(expected.values()).backward()
     results = mp.Manager().dict()
     mp.spawn(_two_process_losses, args=(2, str(tmp_path / "init"), data, results), nprocs=2, join=True)
