@@ -1,4 +1,12 @@
-"""Generated multi-object scenes with a ground truth, a short caption (main object) and a long one (every object)."""
+"""Generated multi-object scenes with a ground truth, a short caption (main object) and a long one (every object).
+
+The long caption is the scene's canonical description, the text the scene captioner is trained to write and the
+format `recaption.eval.scenes` parses back:
+
+    The background is <background>. A <size> <texture> <colour> <shape> is at the <position>. ...
+
+one sentence per object, objects in reading order of their grid cell (top left … bottom right).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import io
 import random
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -19,6 +27,7 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+TEXTURES = ("solid", "striped", "dotted")
 SIZES = {"small": 0.16, "large": 0.32}
 # A 3×3 grid of positions keeps objects apart and makes "where" part of the ground truth.
 POSITIONS = {
@@ -33,6 +42,8 @@ POSITIONS = {
     "bottom right": (2, 2),
 }
 BACKGROUNDS = {"grey": (128, 128, 128), "beige": (225, 215, 190), "dark blue": (25, 30, 70)}
+POSITION_ORDER = {name: gy * 3 + gx for name, (gx, gy) in POSITIONS.items()}  # reading order of the cells
+MAX_OBJECTS = 6
 
 
 @dataclass
@@ -41,9 +52,19 @@ class SceneObject:
     colour: str
     size: str
     position: str
+    texture: str = "solid"
 
     def sentence(self) -> str:
-        return f"A {self.size} {self.colour} {self.shape} is at the {self.position}."
+        return f"A {self.size} {self.texture} {self.colour} {self.shape} is at the {self.position}."
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "shape": self.shape,
+            "colour": self.colour,
+            "size": self.size,
+            "texture": self.texture,
+            "position": self.position,
+        }
 
 
 @dataclass
@@ -59,7 +80,13 @@ class Scene:
 
     @property
     def long_caption(self) -> str:
-        return " ".join([f"The background is {self.background}.", *(o.sentence() for o in self.objects)])
+        ordered = sorted(self.objects, key=lambda o: POSITION_ORDER[o.position])
+        return " ".join([f"The background is {self.background}.", *(o.sentence() for o in ordered)])
+
+    def truth(self) -> dict:
+        """The ground truth as plain data (JSON-able): background and objects in reading order."""
+        ordered = sorted(self.objects, key=lambda o: POSITION_ORDER[o.position])
+        return {"background": self.background, "objects": [o.to_dict() for o in ordered]}
 
     def jpeg(self, quality: int = 90) -> bytes:
         buf = io.BytesIO()
@@ -67,8 +94,12 @@ class Scene:
         return buf.getvalue()
 
 
-def make_scene(seed: int, size: int = 96, min_objects: int = 1, max_objects: int = 4) -> Scene:
-    """One deterministic scene: distinct positions, the first object drawn large so a main object exists."""
+def make_scene(seed: int, size: int = 96, min_objects: int = 1, max_objects: int = 4, textures: bool = True) -> Scene:
+    """One deterministic scene: distinct positions, the first object drawn large so a main object exists.
+
+    `textures=False` draws every object solid (the scene world before textures existed)."""
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
     rng = random.Random(seed)
     n = rng.randint(min_objects, max_objects)
     background = rng.choice(sorted(BACKGROUNDS))
@@ -76,13 +107,14 @@ def make_scene(seed: int, size: int = 96, min_objects: int = 1, max_objects: int
     objects = []
     for i, pos in enumerate(positions):
         colour = rng.choice([c for c in sorted(COLOURS) if c != background])
-        objects.append(SceneObject(rng.choice(SHAPES), colour, "large" if i == 0 else "small", pos))
+        shape = rng.choice(SHAPES)
+        texture = rng.choice(TEXTURES) if textures else "solid"
+        objects.append(SceneObject(shape, colour, "large" if i == 0 else "small", pos, texture))
     return Scene(objects, background, draw_scene(objects, background, size))
 
 
 def draw_scene(objects: list[SceneObject], background: str, size: int) -> Image.Image:
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(img)
     cell = size / 3
     for obj in objects:
         gx, gy = POSITIONS[obj.position]
@@ -90,10 +122,37 @@ def draw_scene(objects: list[SceneObject], background: str, size: int) -> Image.
         r = SIZES[obj.size] * size / 2
         box = (cx - r, cy - r, cx + r, cy + r)
         fill = COLOURS[obj.colour]
+        mask = Image.new("L", img.size, 0)  # the shape's pixels, so a texture stays inside its shape
+        shape = ImageDraw.Draw(mask)
         if obj.shape == "circle":
-            draw.ellipse(box, fill=fill)
+            shape.ellipse(box, fill=255)
         elif obj.shape == "square":
-            draw.rectangle(box, fill=fill)
+            shape.rectangle(box, fill=255)
         else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+            shape.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
+        img.paste(fill, mask=mask)
+        if obj.texture != "solid":
+            img.paste(_contrast(fill), mask=_texture_mask(mask, obj.texture, size))
     return img
+
+
+def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light colours, white on dark ones: the colour of a texture's stripes or dots."""
+    return (0, 0, 0) if sum(rgb) > 360 else (255, 255, 255)
+
+
+def _texture_mask(shape: Image.Image, texture: str, size: int) -> Image.Image:
+    """The shape's mask cut down to horizontal stripes or a grid of dots; the period scales with the image."""
+    period = max(3, size // 24)
+    pattern = Image.new("L", shape.size, 0)
+    draw = ImageDraw.Draw(pattern)
+    if texture == "striped":
+        for y in range(0, size, 2 * period):
+            draw.rectangle((0, y, size, y + period - 1), fill=255)
+    elif texture == "dotted":
+        for y in range(period // 2, size, 2 * period):
+            for x in range(period // 2, size, 2 * period):
+                draw.rectangle((x, y, x + period - 1, y + period - 1), fill=255)
+    else:
+        raise ValueError(f"unknown texture {texture!r}; choose one of {', '.join(TEXTURES)}")
+    return ImageChops.multiply(shape, pattern)  # 255 only where both are 255
