@@ -1,0 +1,199 @@
+"""Scene captions read back and scored: a caption parsed into objects and matched to a scene's ground truth.
+
+A scene (`recaption.eval.synthetic`) has a background and up to six objects, each in its own cell of a 3×3 grid, so
+a position names at most one object. A caption is read sentence by sentence: a sentence that mentions the background
+states the background; any other sentence that states at least one object attribute (size, texture, colour, shape,
+position) describes one object. Reading is tolerant of case, spacing, sentence order, missing attributes, unknown
+words, "gray"/"center" spellings; a last sentence without its full stop was cut off by the token limit and is not
+read. Described objects are matched to the truth by position; a description at an empty position, a second one at a
+taken position, or one without a position is extra.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from recaption.eval.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES
+
+ATTRIBUTES = ("shape", "colour", "size", "texture")  # scored per matched object; position is what matches
+_VOCAB = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": tuple(SIZES),
+    "texture": TEXTURES,
+    "position": tuple(POSITIONS),
+}
+_SPELLINGS = {"gray": "grey", "center": "centre", "color": "colour"}
+_SENTENCE_END = re.compile(r"[.!?]")
+
+
+def _words(text: str) -> list[str]:
+    return [_SPELLINGS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
+
+
+def _find(words: list[str], phrases: Iterable[str]) -> str | None:
+    """The first phrase (one or more words) that occurs in `words`, scanning left to right, longest phrase first at
+    each place ("top left" before "top")."""
+    by_length = sorted((p.split() for p in phrases), key=len, reverse=True)
+    for i in range(len(words)):
+        for phrase in by_length:
+            if words[i : i + len(phrase)] == phrase:
+                return " ".join(phrase)
+    return None
+
+
+def complete_sentences(text: str) -> list[str]:
+    """The sentences of `text` that end with . ! or ?; trailing text without one is a truncated sentence, dropped."""
+    parts = _SENTENCE_END.split(text)
+    return [p for p in parts[:-1] if p.strip()]
+
+
+def parse_caption(text: str) -> dict[str, Any]:
+    """{"background": name or None, "objects": [{attribute: value, …}, …]} in the caption's order; an object has
+    only the attributes its sentence states. The first background sentence that names a background wins."""
+    background = None
+    objects = []
+    for sentence in complete_sentences(text or ""):
+        words = _words(sentence)
+        if "background" in words:
+            background = background or _find(words, BACKGROUNDS)
+            continue
+        obj = {attr: value for attr, vocab in _VOCAB.items() if (value := _find(words, vocab)) is not None}
+        if obj:
+            objects.append(obj)
+    return {"background": background, "objects": objects}
+
+
+def score_caption(text: str, truth: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts and rates of one caption against one scene's truth (`Scene.truth()`); see the module docstring.
+
+    Counts: `truth_objects`, `described`, `matched` (truth objects described at their position), `extra` (described
+    objects not matched: `hallucinated` ones at an empty or already described position, plus `unplaced` ones with
+    no position), `attributes` {attribute: correct among matched}, `correct_objects` (matched with every attribute
+    right), `background_correct`, `exact` (everything right, nothing extra). Rates: `recall`, `precision`,
+    `accuracy` {attribute: correct / matched}, `object_accuracy` (correct objects / truth objects)."""
+    parsed = parse_caption(text)
+    truth_at = {o["position"]: o for o in truth["objects"]}
+    matched: dict[str, dict[str, str]] = {}
+    hallucinated = unplaced = 0
+    for obj in parsed["objects"]:
+        position = obj.get("position")
+        if position is None:
+            unplaced += 1
+        elif position in truth_at and position not in matched:
+            matched[position] = obj
+        else:
+            hallucinated += 1
+    attributes = {a: sum(obj.get(a) == truth_at[p][a] for p, obj in matched.items()) for a in ATTRIBUTES}
+    correct_objects = sum(all(obj.get(a) == truth_at[p][a] for a in ATTRIBUTES) for p, obj in matched.items())
+    n_truth, n_described, n_matched = len(truth_at), len(parsed["objects"]), len(matched)
+    background_correct = parsed["background"] == truth["background"]
+    counts = {
+        "truth_objects": n_truth,
+        "described": n_described,
+        "matched": n_matched,
+        "extra": hallucinated + unplaced,
+        "hallucinated": hallucinated,
+        "unplaced": unplaced,
+        "attributes": attributes,
+        "correct_objects": correct_objects,
+        "background_correct": background_correct,
+        "exact": background_correct and correct_objects == n_truth and n_described == n_truth,
+    }
+    return {**counts, **_rates(counts, captions=1)}
+
+
+def _rates(c: Mapping[str, Any], captions: int) -> dict[str, Any]:
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "recall": ratio(c["matched"], c["truth_objects"]),
+        "precision": ratio(c["matched"], c["described"]),
+        "accuracy": {a: ratio(c["attributes"][a], c["matched"]) for a in ATTRIBUTES},
+        "object_accuracy": ratio(c["correct_objects"], c["truth_objects"]),
+        "extra_per_caption": ratio(c["extra"], captions),
+    }
+
+
+def aggregate(scores: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Micro-averages over captions: every rate is a ratio of counts summed over all captions (an object is an
+    object whichever scene it is in); `background_accuracy` and `exact_rate` are fractions of captions."""
+    keys = ("truth_objects", "described", "matched", "extra", "hallucinated", "unplaced", "correct_objects")
+    total: dict[str, Any] = {k: sum(s[k] for s in scores) for k in keys}
+    total["attributes"] = {a: sum(s["attributes"][a] for s in scores) for a in ATTRIBUTES}
+    n = len(scores)
+    total["background_correct"] = sum(bool(s["background_correct"]) for s in scores)
+    total["exact"] = sum(bool(s["exact"]) for s in scores)
+    return {
+        "captions": n,
+        **total,
+        **_rates(total, captions=n),
+        "background_accuracy": total["background_correct"] / n if n else 0.0,
+        "exact_rate": total["exact"] / n if n else 0.0,
+    }
+
+
+def score_output(
+    output_dir: str, truths: Mapping[str, Mapping[str, Any]], model: str | None = None, prompt: str = "detailed"
+) -> dict[str, Any]:
+    """Scores a pipeline output's captions against `truths` {key: truth}: per key, the first caption with `prompt`
+    (and `model`, when given). A truth whose row is missing, failed or has no such caption scores as an empty
+    caption (every object missed). Returns `aggregate` over all truths plus `missing` (no caption: no row, a failed
+    row, or no caption of that model/prompt), `failed` (rows not ok), `truncated` (captions that hit the token
+    limit), `models` (the model ids scored) and `unscored_rows` (rows without a truth)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(output_dir), format="parquet").to_table(columns=["key", "status", "captions"])
+    rows = {r["key"]: r for r in table.to_pylist()}
+    scores, models = [], set()
+    missing = failed = truncated = 0
+    for key, truth in truths.items():
+        row = rows.get(key)
+        caption = None
+        if row is not None and row["status"] != "ok":
+            failed += 1
+        elif row is not None:
+            caption = next(
+                (
+                    c
+                    for c in row["captions"] or []
+                    if c["prompt"] == prompt and (model is None or c["model"] == model) and c["text"] is not None
+                ),
+                None,
+            )
+        if caption is None:
+            missing += 1
+        else:
+            models.add(caption["model"])
+            truncated += caption.get("finish_reason") == "length"
+        scores.append(score_caption(caption["text"] if caption else "", truth))
+    return {
+        **aggregate(scores),
+        "missing": missing,
+        "failed": failed,
+        "truncated": truncated,
+        "models": sorted(models),
+        "prompt": prompt,
+        "unscored_rows": len(set(rows) - set(truths)),
+    }
+
+
+def format_scores(result: Mapping[str, Any]) -> str:
+    """A short table of `score_output`'s (or `aggregate`'s) result."""
+    acc = result["accuracy"]
+    lines = [
+        f"captions scored            {result['captions']}"
+        + (f" ({result['missing']} without a caption, scored as empty)" if result.get("missing") else ""),
+        f"objects found (recall)     {result['recall']:6.1%}  {result['matched']} of {result['truth_objects']}",
+        f"objects real (precision)   {result['precision']:6.1%}  {result['matched']} of {result['described']} described"
+        f"; {result['extra']} extra",
+        "attributes right (found)   " + "  ".join(f"{a} {acc[a]:.1%}" for a in ATTRIBUTES),
+        f"objects fully right        {result['object_accuracy']:6.1%}  {result['correct_objects']} of "
+        f"{result['truth_objects']}",
+        f"background right           {result['background_accuracy']:6.1%}",
+        f"captions exactly right     {result['exact_rate']:6.1%}  {result['exact']} of {result['captions']}",
+    ]
+    return "\n".join(lines)
