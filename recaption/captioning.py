@@ -15,7 +15,7 @@ import traceback
 
 import pyarrow as pa
 
-from recaption.config import GenerationConfig, ModelConfig, PostprocessConfig
+from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.engines.base import Generation
 from recaption.faults import fault_point
 from recaption.postprocess import clean_caption
@@ -31,7 +31,14 @@ def attempts_name(unit: str, model_id: str) -> str:
 class CaptionStage:
     """Captions the units that pass through it with one model; the result's captions are cleaned and final."""
 
-    def __init__(self, model_cfg: dict, prompt_texts: dict[str, str], post_cfg: dict, output_path: str):
+    def __init__(
+        self,
+        model_cfg: dict,
+        prompt_texts: dict[str, str],
+        post_cfg: dict,
+        output_path: str,
+        image_cfg: dict | None = None,
+    ):
         from recaption.engines.base import build_captioner
         from recaption.writer import open_output
 
@@ -39,6 +46,7 @@ class CaptionStage:
         self.model.generation = self.model.generation or GenerationConfig()
         self.prompt_texts = prompt_texts
         self.post = PostprocessConfig.model_validate(post_cfg)
+        self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.out = open_output(output_path)
         self.n = self.model.generation.n
         self.captioner = build_captioner(self.model)
@@ -54,7 +62,8 @@ class CaptionStage:
         return rows_table(out)
 
     def caption_unit(self, unit: str, table: pa.Table) -> pa.Table:
-        from recaption.images import load_rgb
+        from recaption.errors import ImageError
+        from recaption.images import decode_image
 
         rows = table.to_pylist()
         todo = [row for row in rows if row["status"] == "ok"]
@@ -66,12 +75,18 @@ class CaptionStage:
                 row.update(status="failed", error=error)
             return pa.Table.from_pylist(rows, schema=table.schema)
         images = []
-        for row in list(todo):
+        for row in list(todo):  # the read stage checked headers only: truncated or corrupt pixels show up here
             try:
-                images.append(load_rgb(row["image"]))
-            except Exception as e:  # validated in ReadStage, so unexpected; fail the row, not the unit
-                row.update(status="failed", error=f"decode before captioning: {describe(e)}")
+                decoded = decode_image(row["image"], self.image_cfg)
+            except ImageError as e:
+                row.update(status="failed", error=str(e), width=None, height=None, image_sha256=None)
                 todo.remove(row)
+            except Exception as e:  # a decoder bug, not a bad image: fail the row, not the unit
+                row.update(status="failed", error=f"decode before captioning: {describe(e)}", image_sha256=None)
+                todo.remove(row)
+            else:
+                row.update(width=decoded.width, height=decoded.height)
+                images.append(decoded.image)
         for row, result in zip(todo, self.generate(images), strict=True):
             if isinstance(result, str):
                 row.update(status="failed", error=f"model {self.model.id}: {result}")

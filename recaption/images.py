@@ -1,4 +1,10 @@
-"""Safe image decoding: pixel and side limits before decoding, full load, EXIF orientation, RGB, resize for the model."""
+"""Safe image decoding: pixel and side limits before decoding, full load, EXIF orientation, RGB, resize for the model.
+
+The pipeline decodes each image once per stage that needs pixels: the read stage only checks what a header tells
+(`check_image`: identified format, pixel and side limits) and hashes the bytes; the caption stage decodes fully
+(`decode_image`) and fails the row there if the pixels turn out truncated or corrupt. Images travel between stages as
+their original bytes, never re-encoded.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +24,6 @@ from recaption.errors import ImageError
 # let random bytes "decode" into noise instead of failing.
 Image.init()
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "AVIF") if f in Image.OPEN)
-# The original bytes go to the captioner only if every decoder of it reads them exactly as we did.
-_PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _BOMB_MESSAGE = re.compile(r"\((\d+) pixels\)")
 
@@ -35,11 +39,25 @@ class DecodedImage:
     width: int  # of the full-resolution image as displayed (after EXIF orientation)
     height: int
     sha256: str  # of the input bytes
-    data: bytes  # what to send to the captioner: the input bytes if untouched, else JPEG q95 of `image`
 
 
-def decode_image(data: bytes, cfg: ImageConfig) -> DecodedImage:
-    """Decode, check and prepare one image; every problem raises ImageError with a short reason."""
+@dataclass
+class CheckedImage:
+    """What the header says about an image that passed `check_image`."""
+
+    format: str
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    sha256: str  # of the input bytes
+
+
+def check_image(data: bytes, cfg: ImageConfig) -> CheckedImage:
+    """The cheap checks, without decoding pixels: bytes present, a known format, pixel and side limits."""
+    im = _open_checked(data, cfg)
+    return CheckedImage(im.format, im.width, im.height, hashlib.sha256(data).hexdigest())
+
+
+def _open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:
     if not data:
         raise ImageError("empty image: 0 bytes")
     im = _open(data)
@@ -48,8 +66,14 @@ def decode_image(data: bytes, cfg: ImageConfig) -> DecodedImage:
         raise ImageError(f"decompression bomb: {w}x{h} = {w * h:.3g} pixels > max_pixels {cfg.max_pixels}")
     if min(w, h) < cfg.min_side:
         raise ImageError(f"image too small: {w}x{h}, a side is below min_side {cfg.min_side}")
+    return im
+
+
+def decode_image(data: bytes, cfg: ImageConfig) -> DecodedImage:
+    """Decode, check and prepare one image; every problem raises ImageError with a short reason."""
+    im = _open_checked(data, cfg)
+    w, h = im.size
     fmt = im.format
-    animated = getattr(im, "n_frames", 1) > 1
     target = _fit(w, h, cfg.max_side)
     if target != (w, h) and fmt in ("JPEG", "MPO"):
         # DCT-domain downscaling (1/2 … 1/8) while decoding: far less work and memory for large photos.
@@ -72,29 +96,14 @@ def decode_image(data: bytes, cfg: ImageConfig) -> DecodedImage:
         raise ImageError(f"cannot convert mode {mode} to RGB: {e}") from None
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    untouched = (
-        fmt in _PASSTHROUGH_FORMATS and mode in ("RGB", "L") and target == (w, h) and orientation == 1 and not animated
-    )
-    return DecodedImage(
-        image=rgb,
-        width=w,
-        height=h,
-        sha256=hashlib.sha256(data).hexdigest(),
-        data=data if untouched else encode_jpeg(rgb),
-    )
+    return DecodedImage(image=rgb, width=w, height=h, sha256=hashlib.sha256(data).hexdigest())
 
 
 def load_rgb(data: bytes) -> Image.Image:
-    """Plain decode to RGB of bytes `decode_image` already accepted (its `DecodedImage.data`)."""
+    """Plain decode to RGB, without `decode_image`'s checks (for images this process made itself)."""
     im = Image.open(io.BytesIO(data), formats=FORMATS)
     im.load()
     return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def encode_jpeg(im: Image.Image, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

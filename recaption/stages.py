@@ -1,7 +1,8 @@
 """The pipeline's CPU stages and the unit payload: read+decode, and commit (captioning is in captioning.py).
 
 A unit travels between stages as one row: its id, its start time, and its records as an Arrow IPC stream
-(`payload`), so Ray never splits a unit and images stay encoded bytes until the stage that needs pixels.
+(`payload`), so Ray never splits a unit. Images travel as their original bytes: the read stage only checks headers,
+and each caption stage decodes the pixels it needs (see images.py), so an image is decoded once per model.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run_as_task(batch: pa.Table, stage: type, kwargs: dict) -> pa.Table:
 
 
 class ReadStage:
-    """Reads one unit's records from its shard and decodes every image (CPU task)."""
+    """Reads one unit's records from its shard and checks every image's header (CPU task)."""
 
     def __init__(self, input_cfg: dict, image_cfg: dict):
         self.input_cfg = InputConfig.model_validate(input_cfg)
@@ -69,7 +70,7 @@ class ReadStage:
         return rows_table([self.read(WorkUnit.from_dict(u)) for u in batch.to_pylist()])
 
     def read(self, unit) -> dict[str, Any]:
-        from recaption.images import decode_image
+        from recaption.images import check_image
         from recaption.shards.read import read_unit
 
         t_start = time.time()
@@ -88,12 +89,11 @@ class ReadStage:
                 }
                 if rec.error is None:
                     try:
-                        img = decode_image(rec.image or b"", self.image_cfg)
+                        img = check_image(rec.image or b"", self.image_cfg)
                     except ImageError as e:
                         row["error"] = str(e)
-                    else:
-                        row.update(status="ok", width=img.width, height=img.height, image_sha256=img.sha256)
-                        row["image"] = img.data
+                    else:  # width and height come from the caption stage's decode (EXIF orientation applied)
+                        row.update(status="ok", image_sha256=img.sha256, image=rec.image)
                 rows.append(row)
         except Exception as e:  # an unreadable shard: the unit is not committed, so a rerun retries it
             log.error("unit %s: cannot read %s: %s", unit.unit, unit.uri, traceback.format_exc())
