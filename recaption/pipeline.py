@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -39,10 +40,13 @@ class RunSummary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def run_pipeline(cfg: PipelineConfig, progress: bool = True, overwrite: bool = False) -> RunSummary:
+def run_pipeline(
+    cfg: PipelineConfig, progress: bool = True, overwrite: bool = False, on_unit: Callable[[dict], None] | None = None
+) -> RunSummary:
     """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped.
 
-    An output written with another config is refused unless `overwrite`, which deletes it first."""
+    An output written with another config is refused unless `overwrite`, which deletes it first. `on_unit` sees each
+    unit's summary row as it is committed (the benchmark times them)."""
     from recaption.shards.plan import plan_units
 
     prompt_texts = resolve_prompts(cfg)
@@ -73,6 +77,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, overwrite: bool = F
                 setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
             summary.seconds = time.time() - start
             live.unit_done(row)
+            if on_unit is not None:
+                on_unit(row)
     summary.seconds = time.time() - start
     return summary
 
@@ -114,6 +120,7 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
                 "prompt_texts": prompt_texts,
                 "post_cfg": cfg.postprocess.model_dump(),
                 "output_path": cfg.output.path,
+                "image_cfg": cfg.images.model_dump(),
             },
             **placement,
             **common,
