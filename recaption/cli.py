@@ -127,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the config's mm_vision_tower when that is a local directory",
     )
     sharegpt4v.set_defaults(func=cmd_convert_sharegpt4v)
+
+    bench = sub.add_parser(
+        "bench", help="measure each stage against its own limit (a bare loop of the same work): a table of ratios"
+    )
+    bench.add_argument("sections", nargs="*", help="data, engine, trainer, scaling (default: all)")
+    bench.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that the bench runs, figures mean little"
+    )
+    bench.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="engine section: hf (CPU) or vllm (GPU)")
+    bench.add_argument("--model", help="engine section's model (default: tiny-llava for hf, llava-1.5-7b for vllm)")
+    bench.add_argument("--json", metavar="PATH", help="also write the measurements and machine facts as JSON")
+    bench.add_argument("--cpus", type=int, help="CPUs for Ray and the bare loops (default: all)")
+    bench.add_argument("--workdir", default="bench-work", help="generated inputs and outputs (reused between runs)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -230,6 +244,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         input_path=args.input,
     )
     print(f"exported {result['rows']} rows as {result['format']} to {result['dest']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from recaption.bench import run_bench
+
+    run_bench(args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus)
     return 0
 
 
