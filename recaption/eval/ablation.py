@@ -121,23 +121,34 @@ def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, 
         out.commit_unit(unit.unit, table, run_meta, unit_stats(table, time.time() - start, cfg.hash()), "zstd")
 
 
-def eval_sets(n_eval: int):
+def eval_sets(n_eval: int, max_objects: int = 4, size: int = SCENE_SIZE):
     """The held-out long-text set (n_eval scenes) and the short-text set (first scene of each distinct short caption)."""
-    from recaption.eval.datasets import EvalSet, load_synthetic
+    import functools
+
+    from recaption.eval.datasets import EvalSet
     from recaption.eval.synthetic import make_scene
 
-    long_set = load_synthetic(n_eval, EVAL_SEED, "long", SCENE_SIZE, "synthetic-long")
+    scenes = [make_scene(EVAL_SEED + i, size=size, max_objects=max_objects) for i in range(n_eval)]
+    images = [functools.partial(_scene_image, EVAL_SEED + i, size, max_objects) for i in range(n_eval)]
+    long_set = EvalSet("synthetic-long", images, [s.long_caption for s in scenes], list(range(n_eval)))
     seen: dict[str, int] = {}
-    for i in range(n_eval):
-        seen.setdefault(make_scene(EVAL_SEED + i, size=SCENE_SIZE).short_caption, i)
+    for i, scene in enumerate(scenes):
+        seen.setdefault(scene.short_caption, i)
     picked = sorted(seen.values())
     short_set = EvalSet(
         "synthetic-short",
-        [long_set.images[i] for i in picked],
-        [make_scene(EVAL_SEED + i, size=SCENE_SIZE).short_caption for i in picked],
+        [images[i] for i in picked],
+        [scenes[i].short_caption for i in picked],
         list(range(len(picked))),
     )
     return long_set, short_set
+
+
+def _scene_image(seed: int, size: int, max_objects: int):
+    """A held-out scene's image, drawn again when the eval needs it rather than kept."""
+    from recaption.eval.synthetic import make_scene
+
+    return make_scene(seed, size=size, max_objects=max_objects).image
 
 
 def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, batch_size: int) -> dict[str, Any]:
@@ -185,8 +196,8 @@ def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, b
     }
 
 
-def train_and_measure(cfg_data: dict[str, Any], long_set, short_set) -> dict[str, float]:
-    """Train one model, then {"long/cls/i2t@1": …, …} on the held-out sets."""
+def train_and_measure(cfg_data: dict[str, Any], long_set, short_set, ks: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Train one model, then {"long/cls/i2t@1": …, …} (R@k for each k in `ks`) on the held-out sets."""
     from recaption.eval.retrieval import evaluate_retrieval
     from recaption.eval.trainer import TrainerEncoder
     from recaption.train.config import load_train_config
@@ -200,8 +211,8 @@ def train_and_measure(cfg_data: dict[str, Any], long_set, short_set) -> dict[str
     for set_name, data in (("long", long_set), ("short", short_set)):
         for slot in ("cls", "mean") if set_name == "long" else ("cls",):
             encoder = TrainerEncoder.from_pretrained(summary["export"], text_slot=slot)
-            metrics = evaluate_retrieval(encoder, data, batch_size=64, ks=[1])
-            for direction in ("i2t@1", "t2i@1"):
+            metrics = evaluate_retrieval(encoder, data, batch_size=64, ks=list(ks))
+            for direction in (f"{d}@{k}" for k in ks for d in ("i2t", "t2i")):
                 results[f"{set_name}/{slot}/{direction}"] = metrics[direction]
     results["final_loss"] = summary["history"][-1]["loss"] if summary["history"] else float("nan")
     return results
