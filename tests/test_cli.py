@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 import yaml
 
 from recaption.cli import main
+from recaption.demo import read_truths
+from recaption.eval.scenes import score_output
+from recaption.eval.synthetic import make_scene
 
 
 def write_config(tmp_path: Path, **changes) -> Path:
@@ -70,15 +74,28 @@ def test_tiny_model_command(tmp_path, capsys):
     assert "random weights" in capsys.readouterr().out
 
 
+TINY_DEMO = ["--no-progress", "--set", "models.0.path=tiny-llava"]  # what runs whether scene-llava is there or not
+
+
 def test_demo_end_to_end(tmp_path, capsys, ray_session):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20", *TINY_DEMO]) == 0
     out = capsys.readouterr().out
     assert "rows:     20 (20 ok, 0 failed, 0 skipped)" in out
+    assert "captioned by tiny-llava (prompt detailed)" in out
     assert "RANDOM weights" in out and "pipelines/llava15.yaml" in out
     table = pads.dataset(str(tmp_path / "demo" / "output"), format="parquet").to_table()
     assert table.num_rows == 20
+    # The accuracy it printed is the one score_output gives on that output and the shards' truths.
+    accuracy = json.loads((tmp_path / "demo" / "accuracy.json").read_text())
+    truths = read_truths(tmp_path / "demo" / "input")
+    assert truths == {f"{i:09d}": make_scene(i, size=96, max_objects=6).truth() for i in range(20)}
+    assert accuracy == json.loads(json.dumps(score_output(str(tmp_path / "demo" / "output"), truths, "tiny-llava")))
+    assert accuracy["captions"] == 20 and accuracy["missing"] == 0 and accuracy["models"] == ["tiny-llava"]
+    assert accuracy["truth_objects"] == sum(len(t["objects"]) for t in truths.values())
+    assert f"captions exactly right     {accuracy['exact_rate']:6.1%}  {accuracy['exact']} of 20" in out
+    assert f"{accuracy['matched']} of {accuracy['truth_objects']}" in out
     # A second demo run resumes: every unit is already done.
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "20", *TINY_DEMO]) == 0
     assert "0 run, 2 already done" in capsys.readouterr().out
     # What users look at next: the report, one row with its image, an export.
     output = str(tmp_path / "demo" / "output")
@@ -89,6 +106,50 @@ def test_demo_end_to_end(tmp_path, capsys, ray_session):
     assert "000000001" in capsys.readouterr().out and (tmp_path / "demo/output/_inspect/000000001.png").is_file()
     assert main(["export", output, "--to", "jsonl", str(tmp_path / "rows.jsonl")]) == 0
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 20
+
+
+def test_demo_train_trains_on_the_captions_and_prints_retrieval(tmp_path, capsys, ray_session):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--images", "8", "--train", "--steps", "4", "--eval-scenes", "10"]
+    assert main([*argv, *TINY_DEMO, "--set", "generation.max_new_tokens=16"]) == 0
+    printed = capsys.readouterr().out
+    assert "rows:     8 (8 ok, 0 failed, 0 skipped)" in printed
+    assert json.loads((out / "accuracy.json").read_text())["captions"] == 8
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    assert retrieval["eval_scenes_long"] == 10 and 1 <= retrieval["eval_scenes_short"] <= 10
+    for prefix, n in (("long/cls", 10), ("long/mean", 10), ("short/cls", retrieval["eval_scenes_short"])):
+        values = [retrieval[f"{prefix}/{d}@{k}"] for d in ("i2t", "t2i") for k in (1, 5)]
+        # R@k of n items is a multiple of 100/n and R@5 ≥ R@1.
+        assert all(0.0 <= v <= 100.0 and abs(v * n / 100 - round(v * n / 100)) < 1e-6 for v in values)
+        assert values[1] >= values[0] and values[3] >= values[2]
+    assert "retrieval R@k (%)" in printed
+    line = next(row for row in printed.splitlines() if row.startswith("long captions (CLS)"))
+    cells = [f"{retrieval[f'long/cls/{c}']:.1f}" for c in ("i2t@1", "i2t@5", "t2i@1", "t2i@5")]
+    assert line.split()[3:] == ["10", *cells, "10.0", "/", "50.0"]  # n, R@k, and chance: 1 and 5 in 10
+    assert Path(retrieval["model"]).is_dir() and f"the trained model: {retrieval['model']}" in printed
+
+
+def scene_llava_available() -> bool:
+    from recaption.errors import ConfigError
+    from recaption.models import resolve_model
+
+    try:
+        resolve_model("scene-llava")
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not scene_llava_available(), reason="scene-llava is not built or shipped here")
+def test_demo_with_the_scene_captioner_describes_the_scenes(tmp_path, capsys, ray_session):
+    """The demo as it ships, with its trained captioner: the captions are scored and mostly right."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "12", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "captioned by scene-llava (prompt detailed)" in out and "not available" not in out
+    accuracy = json.loads((tmp_path / "demo" / "accuracy.json").read_text())
+    assert accuracy["models"] == ["scene-llava"] and accuracy["captions"] == 12 and accuracy["missing"] == 0
+    assert accuracy["recall"] >= 0.8 and accuracy["precision"] >= 0.8, accuracy
+    assert "RANDOM" not in out and "scene-llava describes these scenes" in out
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])

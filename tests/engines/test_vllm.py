@@ -177,10 +177,14 @@ def test_sampling_is_seeded_gives_n_per_request_and_stops_at_stop_strings(engine
     assert cut and all(g.finish_reason == "stop" and stop not in g.text for g in cut)
 
 
+HF_AS_VLLM = {"path": "tiny-llava", "prompts": "[detailed, short]"}
+
+
 @vllm_test
 def test_demo_vllm_pipeline_in_the_ray_job(tmp_path, ray_session):
     """pipelines/demo-vllm.yaml as it is (its env keeps the engine core in the actor), through the real Ray job; the
-    same tiny LLaVA through the hf engine (pipelines/demo.yaml) writes the same captions."""
+    same tiny LLaVA through the hf engine (pipelines/demo.yaml set to demo-vllm's model, prompts and token limit:
+    the demo itself runs the scene captioner) writes the same captions."""
     from recaption.pipeline import run_pipeline
     from tests.test_pipeline import check_contract
 
@@ -188,7 +192,10 @@ def test_demo_vllm_pipeline_in_the_ray_job(tmp_path, ray_session):
     runs = {}
     for name in ("demo-vllm", "demo"):
         out = tmp_path / name
-        cfg = load_config(DEMO_VLLM.with_name(f"{name}.yaml"), [f"input.path={tmp_path / 'in'}", f"output.path={out}"])
+        same = [] if name == "demo-vllm" else [f"models.0.{k}={v}" for k, v in HF_AS_VLLM.items()]
+        same += ["generation.max_new_tokens=24"] if same else []
+        paths = [f"input.path={tmp_path / 'in'}", f"output.path={out}"]
+        cfg = load_config(DEMO_VLLM.with_name(f"{name}.yaml"), [*paths, *same])
         summary = run_pipeline(cfg, progress=False)
         assert summary.units_done == 2 and summary.ok == 6 and not summary.unit_errors, summary
         table = check_contract(out, keys, n_captions=2)
