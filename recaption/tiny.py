@@ -151,7 +151,7 @@ def _is_current(path: Path) -> bool:
         return False
 
 
-def _train_tokenizer(special: list[str]) -> Any:
+def _train_tokenizer(special: list[str], corpus: list[str] | None = None, vocab_size: int = 512) -> Any:
     """A byte-level BPE over the corpus: decodes any id sequence to text, so random models print something."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -159,12 +159,12 @@ def _train_tokenizer(special: list[str]) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer=trainer)
     # Llama-style: BOS in front, no EOS (the model must produce it).
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
@@ -172,14 +172,14 @@ def _train_tokenizer(special: list[str]) -> Any:
     return tok
 
 
-def _lm_tokenizer(image_token_attribute: bool) -> Any:
+def _lm_tokenizer(image_token_attribute: bool, corpus: list[str] | None = None, vocab_size: int = 512) -> Any:
     """The LM tokenizer. Only LLaVA's gets an `image_token` attribute: the BLIP processors of transformers 5.24
     then call `.content` on that string and fail, so they must add `<image>` themselves (it keeps id 4)."""
     from transformers import PreTrainedTokenizerFast
 
     extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token_attribute else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(SPECIAL_TOKENS),
+        tokenizer_object=_train_tokenizer(SPECIAL_TOKENS, corpus, vocab_size),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
@@ -207,11 +207,16 @@ def _qformer_tokenizer() -> Any:
     return as_bert_tokenizer(tok, model_max_length=128)
 
 
-def _llama_config(vocab_size: int) -> Any:
+def _llama_config(vocab_size: int, tower: dict[str, int] | None = None) -> Any:
     from transformers import LlamaConfig
 
+    tower = tower or _TOWER
     return LlamaConfig(
-        **_TOWER, **_TOKEN_IDS, vocab_size=vocab_size, num_key_value_heads=HEADS, max_position_embeddings=MAX_POSITIONS
+        **tower,
+        **_TOKEN_IDS,
+        vocab_size=vocab_size,
+        num_key_value_heads=tower["num_attention_heads"],
+        max_position_embeddings=MAX_POSITIONS,
     )
 
 
@@ -223,27 +228,35 @@ def _blip_image_processor() -> Any:
 
 
 def _build_llava() -> tuple[Any, Any]:
+    tokenizer = _lm_tokenizer(image_token_attribute=True)
+    return llava_model(tokenizer, _VISION, _TOWER)
+
+
+def llava_model(tokenizer: Any, vision: dict[str, int], text: dict[str, int]) -> tuple[Any, Any]:
+    """A random-weight LLaVA-1.5-style (model, processor) around `tokenizer`: a CLIP tower of `vision`
+    (hidden/intermediate size, layers, heads, image_size, patch_size) and a Llama of `text` (the same keys less
+    the image ones), the llava-hf chat template, a PIL CLIP image processor (no torchvision)."""
     import transformers as tf
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = _lm_tokenizer(image_token_attribute=True)
+    image_size, patch_size = vision["image_size"], vision["patch_size"]
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     config = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(**_VISION, projection_dim=WIDTH),
-        text_config=_llama_config(len(tokenizer)),
+        vision_config=tf.CLIPVisionConfig(**vision, projection_dim=vision["hidden_size"]),
+        text_config=_llama_config(len(tokenizer), text),
         image_token_index=IMAGE_ID,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = tf.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=LLAVA_CHAT_TEMPLATE,
