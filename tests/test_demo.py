@@ -9,6 +9,7 @@ import pytest
 from recaption.demo import (
     FALLBACK_MODEL,
     demo_config,
+    format_retrieval,
     prepare_demo_dir,
     random_weights,
     read_truths,
@@ -114,3 +115,18 @@ def test_prepare_demo_dir_replaces_shards_of_an_older_demo_without_truths(tmp_pa
     (tmp_path / "demo.json").write_text(json.dumps(old_stamp))
     input_dir, _ = prepare_demo_dir(tmp_path, 4, "h")
     assert len(read_truths(input_dir)) == 4
+
+
+def retrieval_results(value: float) -> dict[str, float]:
+    cells = {
+        f"{s}/{c}": value for s in ("long/cls", "long/mean", "short/cls") for c in ("i2t@1", "i2t@5", "t2i@1", "t2i@5")
+    }
+    return {**cells, "final_loss": 3.5, "seconds": 40.0, "eval_scenes_long": 48, "eval_scenes_short": 20}
+
+
+def test_format_retrieval_shows_chance_and_says_when_the_model_is_near_it():
+    near = format_retrieval(retrieval_results(10.4))
+    assert "long captions (CLS)         48    10.4    10.4    10.4    10.4   2.1 / 10.4" in near.splitlines()
+    assert "short captions (CLS)        20    10.4    10.4    10.4    10.4   5.0 / 25.0" in near.splitlines()
+    assert "within twice chance" in near
+    assert "within twice chance" not in format_retrieval(retrieval_results(60.0))
