@@ -146,7 +146,12 @@ def score_output(
     limit), `models` (the model ids scored) and `unscored_rows` (rows without a truth)."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(str(output_dir), format="parquet").to_table(columns=["key", "status", "captions"])
+    from recaption.inspect import part_paths
+    from recaption.writer import open_output
+
+    out = open_output(str(output_dir))  # local or object storage, as the pipeline wrote it
+    dataset = pads.dataset(part_paths(out), filesystem=out.fs, format="parquet")
+    table = dataset.to_table(columns=["key", "status", "captions"])
     rows = {r["key"]: r for r in table.to_pylist()}
     scores, models = [], set()
     missing = failed = truncated = 0

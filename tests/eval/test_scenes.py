@@ -208,3 +208,10 @@ def test_score_output_counts_failed_rows_missing_rows_and_other_prompts_as_misse
     assert result["exact"] == 1 and result["exact_rate"] == pytest.approx(1 / 5)
     assert result["background_accuracy"] == pytest.approx(2 / 5)
     assert "5 (3 without a caption, scored as empty)" in format_scores(result)
+
+
+def test_score_output_of_a_directory_that_is_no_output_says_so(tmp_path):
+    from recaption.errors import InputError
+
+    with pytest.raises(InputError, match="no part-\\*.parquet files"):
+        score_output(str(tmp_path), {"a": TRUTH})
