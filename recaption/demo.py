@@ -16,6 +16,9 @@ MAX_OBJECTS = 6  # the scene captioner's world: up to six objects, each in its o
 FALLBACK_MODEL = "tiny-llava"
 TRAIN_ARM = "long-k2"  # recaption.eval.ablation's arm (c): long captions + alt text, 2 corner tokens and the mask
 SCENE_PIXELS = 96
+# Scene i of the demo is seed DEMO_SEED + i: a range the scene captioner never trains on (it draws its training
+# scenes below 10 000 000) and the demo's held-out retrieval scenes (recaption.eval.ablation.EVAL_SEED) do not touch.
+DEMO_SEED = 20_000_000
 
 
 def find_pipeline(name: str) -> Path:
@@ -36,14 +39,14 @@ def write_demo_shards(input_dir: Path, n_images: int) -> list[str]:
     input_dir.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n_images):
-        scene = make_scene(seed=i, size=SCENE_PIXELS, max_objects=MAX_OBJECTS)
+        scene = make_scene(seed=DEMO_SEED + i, size=SCENE_PIXELS, max_objects=MAX_OBJECTS)
         key = f"{i:09d}"
         samples.append(
             {
                 "key": key,
                 "jpg": scene.jpeg(),
                 "caption": scene.short_caption,
-                "url": f"synthetic://{key}",
+                "url": f"synthetic://scene/{DEMO_SEED + i}",
                 "json": {"truth": scene.truth()},
             }
         )
@@ -71,7 +74,7 @@ def prepare_demo_dir(out: Path, n_images: int, config_hash: str) -> tuple[Path, 
     override) starts the output over, a rerun of the same resumes."""
     input_dir, output_dir, stamp = out / "input", out / "output", out / "demo.json"
     previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    scenes = {"images": n_images, "max_objects": MAX_OBJECTS, "pixels": SCENE_PIXELS}
+    scenes = {"images": n_images, "first_seed": DEMO_SEED, "max_objects": MAX_OBJECTS, "pixels": SCENE_PIXELS}
     if previous.get("scenes") != scenes:
         shutil.rmtree(input_dir, ignore_errors=True)
         write_demo_shards(input_dir, n_images)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from recaption.cli import main
-from recaption.demo import read_truths
+from recaption.demo import DEMO_SEED, read_truths
 from recaption.eval.scenes import score_output
 from recaption.eval.synthetic import make_scene
 
@@ -88,7 +88,7 @@ def test_demo_end_to_end(tmp_path, capsys, ray_session):
     # The accuracy it printed is the one score_output gives on that output and the shards' truths.
     accuracy = json.loads((tmp_path / "demo" / "accuracy.json").read_text())
     truths = read_truths(tmp_path / "demo" / "input")
-    assert truths == {f"{i:09d}": make_scene(i, size=96, max_objects=6).truth() for i in range(20)}
+    assert truths == {f"{i:09d}": make_scene(DEMO_SEED + i, size=96, max_objects=6).truth() for i in range(20)}
     assert accuracy == json.loads(json.dumps(score_output(str(tmp_path / "demo" / "output"), truths, "tiny-llava")))
     assert accuracy["captions"] == 20 and accuracy["missing"] == 0 and accuracy["models"] == ["tiny-llava"]
     assert accuracy["truth_objects"] == sum(len(t["objects"]) for t in truths.values())

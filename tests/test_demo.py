@@ -7,6 +7,7 @@ import json
 import pytest
 
 from recaption.demo import (
+    DEMO_SEED,
     FALLBACK_MODEL,
     demo_config,
     format_retrieval,
@@ -27,14 +28,16 @@ def test_demo_shards_carry_each_scene_truth_and_read_back(tmp_path):
     keys = write_demo_shards(tmp_path / "input", 20)
     truths = read_truths(tmp_path / "input")
     assert list(truths) == keys == [f"{i:09d}" for i in range(20)]
-    assert truths == {k: make_scene(i, size=96, max_objects=MAX_OBJECTS).truth() for i, k in enumerate(keys)}
+    assert truths == {
+        k: make_scene(DEMO_SEED + i, size=96, max_objects=MAX_OBJECTS).truth() for i, k in enumerate(keys)
+    }
     assert max(len(t["objects"]) for t in truths.values()) == MAX_OBJECTS  # the 6-object world, not the 4 of before
 
 
 def test_report_accuracy_of_a_perfect_output_is_perfect_and_says_so(tmp_path, capsys):
     keys = write_demo_shards(tmp_path / "input", 12)
     truths = read_truths(tmp_path / "input")
-    captions = {k: make_scene(i, size=96, max_objects=MAX_OBJECTS).long_caption for i, k in enumerate(keys)}
+    captions = {k: make_scene(DEMO_SEED + i, size=96, max_objects=MAX_OBJECTS).long_caption for i, k in enumerate(keys)}
     commit_captions(tmp_path / "input", tmp_path / "output", captions)
     scores = report_accuracy(tmp_path, truths, "ground-truth", "detailed", random=False, max_new_tokens=96)
     printed = capsys.readouterr().out
@@ -51,7 +54,7 @@ def test_report_accuracy_of_half_wrong_captions(tmp_path, capsys):
     """Every other caption loses its last object: recall, exact rate and the verdict follow."""
     keys = write_demo_shards(tmp_path / "input", 8)
     truths = read_truths(tmp_path / "input")
-    scenes = [make_scene(i, size=96, max_objects=MAX_OBJECTS) for i in range(8)]
+    scenes = [make_scene(DEMO_SEED + i, size=96, max_objects=MAX_OBJECTS) for i in range(8)]
     captions = {
         k: s.long_caption if i % 2 else s.long_caption.rsplit(" A ", 1)[0]
         for i, (k, s) in enumerate(zip(keys, scenes, strict=True))
