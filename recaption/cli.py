@@ -62,10 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry (names usable as a model's `path`)")
     models.set_defaults(func=cmd_models)
 
-    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight model (tests, demo) into a directory")
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="build a tiny random-weight model (tests, demo), or train the scene captioner, into a directory",
+    )
     tiny.add_argument("out", help="directory to save the model and processor to")
     tiny.add_argument("--family", choices=["llava", "instructblip", "blip2"], default="llava")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--train-on-scenes",
+        action="store_true",
+        help="llava only: train it to describe generated scenes (the scene-llava captioner) instead of random weights",
+    )
+    tiny.add_argument("--steps", type=int, default=None, help="--train-on-scenes: training steps (batch 32)")
+    tiny.add_argument(
+        "--eval-scenes", type=int, default=64, help="--train-on-scenes: held-out scenes to score afterwards (0: none)"
+    )
+    tiny.add_argument(
+        "--threads", type=int, default=2, help="--train-on-scenes: torch CPU threads (part of what makes a run repeat)"
+    )
+    tiny.add_argument("--no-progress", action="store_true", help="--train-on-scenes: no progress bar")
     tiny.set_defaults(func=cmd_tiny_model)
 
     ev = sub.add_parser(
@@ -199,7 +215,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = [("name", "family", "engine", "checkpoint")]
     for name, entry in REGISTRY.items():
-        source = entry.get("repo") or f"built locally (recaption tiny-model --family {entry['tiny']})"
+        if "asset" in entry:
+            source = "bundled with the package (trained by recaption tiny-model --family llava --train-on-scenes)"
+        else:
+            source = entry.get("repo") or f"built locally (recaption tiny-model --family {entry['tiny']})"
         rows.append(
             (name, entry["family"], entry["engine"], source + (f"  [{entry['note']}]" if "note" in entry else ""))
         )
@@ -211,10 +230,36 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    if args.train_on_scenes:
+        return _train_scene_captioner(args)
     from recaption.tiny import build_tiny
 
     path = build_tiny(args.family, args.out, seed=args.seed)
     print(f"tiny {args.family} model (random weights) saved to {path}")
+    return 0
+
+
+def _train_scene_captioner(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.captioner import DEFAULT_STEPS, META_FILE, train_scene_captioner
+    from recaption.errors import ConfigError
+
+    if args.family != "llava":
+        raise ConfigError("--train-on-scenes trains a llava; drop --family or give --family llava")
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    path = train_scene_captioner(
+        args.out,
+        steps=steps,
+        seed=args.seed,
+        eval_scenes=args.eval_scenes,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    meta = json.loads((path / META_FILE).read_text())
+    print(f"scene captioner (llava, {steps} steps, seed {args.seed}, {meta['train_seconds']} s) saved to {path}")
+    if "held_out" in meta:
+        print("held-out scenes: " + json.dumps(meta["held_out"]))
     return 0
 
 

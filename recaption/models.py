@@ -43,7 +43,11 @@ REGISTRY: dict[str, dict[str, Any]] = {
     "tiny-llava": {"tiny": "llava", "family": "llava", "engine": "hf"},
     "tiny-instructblip": {"tiny": "instructblip", "family": "instructblip", "engine": "hf"},
     "tiny-blip2": {"tiny": "blip2", "family": "blip2", "engine": "hf"},
+    # A tiny LLaVA trained to describe the generated scenes of recaption.eval.synthetic (recaption/captioner.py),
+    # shipped in the package: captions that can be scored against the scenes' truth, on a CPU, offline.
+    "scene-llava": {"asset": "scene-llava", "family": "llava", "engine": "hf"},
 }
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 # owner/name with Hugging Face's allowed characters; anything else is treated as a filesystem path.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -103,6 +107,8 @@ def _registry_target(entry: dict[str, str]) -> str:
         from recaption.tiny import ensure_tiny
 
         return str(ensure_tiny(entry["tiny"]))
+    if "asset" in entry:
+        return str(ASSETS / entry["asset"])
     return entry["repo"]
 
 
