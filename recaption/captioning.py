@@ -38,6 +38,7 @@ class CaptionStage:
         post_cfg: dict,
         output_path: str,
         image_cfg: dict | None = None,
+        keep_images: bool = True,
     ):
         from recaption.engines.base import build_captioner
         from recaption.writer import open_output
@@ -47,6 +48,7 @@ class CaptionStage:
         self.prompt_texts = prompt_texts
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
+        self.keep_images = keep_images
         self.out = open_output(output_path)
         self.n = self.model.generation.n
         self.captioner = build_captioner(self.model)
@@ -65,29 +67,33 @@ class CaptionStage:
         from recaption.errors import ImageError
         from recaption.images import decode_image
 
-        rows = table.to_pylist()
-        todo = [row for row in rows if row["status"] == "ok"]
+        # The image bytes stay in Arrow (no copy into Python objects and back); rows carry everything else.
+        image_column = table.column("image")
+        rows = table.drop_columns(["image"]).to_pylist()
+        todo = [i for i, row in enumerate(rows) if row["status"] == "ok"]
         attempt = self.begin_attempt(unit) if todo else 0
         fault_point("caption:start")
         if attempt > self.model.max_unit_attempts:
             error = f"model {self.model.id}: the engine crashed on this unit {attempt - 1} times; gave up"
-            for row in todo:
-                row.update(status="failed", error=error)
-            return pa.Table.from_pylist(rows, schema=table.schema)
+            for i in todo:
+                rows[i].update(status="failed", error=error)
+            return self.unit_table(rows, image_column, table.schema)
         images = []
-        for row in list(todo):  # the read stage checked headers only: truncated or corrupt pixels show up here
+        for i in list(todo):  # the read stage did not look inside: every bad image shows up here
+            row, data = rows[i], image_column[i]
             try:
-                decoded = decode_image(row["image"], self.image_cfg)
+                decoded = decode_image(memoryview(data.as_buffer()) if data.is_valid else b"", self.image_cfg)
             except ImageError as e:
                 row.update(status="failed", error=str(e), width=None, height=None, image_sha256=None)
-                todo.remove(row)
+                todo.remove(i)
             except Exception as e:  # a decoder bug, not a bad image: fail the row, not the unit
                 row.update(status="failed", error=f"decode before captioning: {describe(e)}", image_sha256=None)
-                todo.remove(row)
+                todo.remove(i)
             else:
-                row.update(width=decoded.width, height=decoded.height)
+                row.update(width=decoded.width, height=decoded.height, image_sha256=decoded.sha256)
                 images.append(decoded.image)
-        for row, result in zip(todo, self.generate(images), strict=True):
+        done = [rows[i] for i in todo]
+        for row, result in zip(done, self.generate(images), strict=True):
             if isinstance(result, str):
                 row.update(status="failed", error=f"model {self.model.id}: {result}")
                 continue
@@ -95,8 +101,13 @@ class CaptionStage:
                 for gen in result[k * self.n : (k + 1) * self.n]:
                     row["captions"].append(self.caption_struct(row, name, gen))
         if self.post.degenerate != "keep":
-            self.handle_degenerate(todo, images)
-        return pa.Table.from_pylist(rows, schema=table.schema)
+            self.handle_degenerate(done, images)
+        return self.unit_table(rows, image_column, table.schema)
+
+    def unit_table(self, rows: list[dict], image_column: pa.ChunkedArray, schema: pa.Schema) -> pa.Table:
+        """The unit's rows with the image column put back (the last model's stage drops it: commit needs none)."""
+        table = pa.Table.from_pylist(rows, schema=schema.remove(schema.get_field_index("image")))
+        return table.append_column(schema.field("image"), image_column) if self.keep_images else table
 
     def handle_degenerate(self, rows: list[dict], images: list) -> None:
         """Drops, or generates once more with a repetition penalty, this model's captions with degenerate flags."""

@@ -1,9 +1,8 @@
 """Safe image decoding: pixel and side limits before decoding, full load, EXIF orientation, RGB, resize for the model.
 
-The pipeline decodes each image once per stage that needs pixels: the read stage only checks what a header tells
-(`check_image`: identified format, pixel and side limits) and hashes the bytes; the caption stage decodes fully
-(`decode_image`) and fails the row there if the pixels turn out truncated or corrupt. Images travel between stages as
-their original bytes, never re-encoded.
+The pipeline decodes each image once per stage that needs pixels: the read stage passes the original bytes on, and
+each caption stage runs `decode_image`, which fails the row there with the reason (empty, not an image, bomb, too
+small, truncated, corrupt). Images are never re-encoded.
 """
 
 from __future__ import annotations
@@ -39,22 +38,6 @@ class DecodedImage:
     width: int  # of the full-resolution image as displayed (after EXIF orientation)
     height: int
     sha256: str  # of the input bytes
-
-
-@dataclass
-class CheckedImage:
-    """What the header says about an image that passed `check_image`."""
-
-    format: str
-    width: int  # as stored (before EXIF orientation)
-    height: int
-    sha256: str  # of the input bytes
-
-
-def check_image(data: bytes, cfg: ImageConfig) -> CheckedImage:
-    """The cheap checks, without decoding pixels: bytes present, a known format, pixel and side limits."""
-    im = _open_checked(data, cfg)
-    return CheckedImage(im.format, im.width, im.height, hashlib.sha256(data).hexdigest())
 
 
 def _open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:

@@ -107,12 +107,12 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
         run_as_task,
         fn_kwargs={
             "stage": ReadStage,
-            "kwargs": {"input_cfg": cfg.input.model_dump(), "image_cfg": cfg.images.model_dump()},
+            "kwargs": {"input_cfg": cfg.input.model_dump()},
         },
         num_cpus=cfg.ray.read_num_cpus,
         **common,
     )
-    for model, placement in zip(cfg.models, placements, strict=True):
+    for i, (model, placement) in enumerate(zip(cfg.models, placements, strict=True)):
         ds = ds.map_batches(
             CaptionStage,
             fn_constructor_kwargs={
@@ -121,6 +121,7 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
                 "post_cfg": cfg.postprocess.model_dump(),
                 "output_path": cfg.output.path,
                 "image_cfg": cfg.images.model_dump(),
+                "keep_images": i < len(cfg.models) - 1,  # the commit stage needs no pixels
             },
             **placement,
             **common,

@@ -1,8 +1,9 @@
 """The pipeline's CPU stages and the unit payload: read+decode, and commit (captioning is in captioning.py).
 
 A unit travels between stages as one row: its id, its start time, and its records as an Arrow IPC stream
-(`payload`), so Ray never splits a unit. Images travel as their original bytes: the read stage only checks headers,
-and each caption stage decodes the pixels it needs (see images.py), so an image is decoded once per model.
+(`payload`), so Ray never splits a unit. Images travel as their original bytes: the read stage only reads them, each
+caption stage decodes (and checks) the pixels it needs, so an image is decoded once per model; the last model's
+stage drops the image column, so the commit stage moves only captions.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from recaption.config import ImageConfig, InputConfig
-from recaption.errors import ImageError
+from recaption.config import InputConfig
 from recaption.writer import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,10 @@ def run_as_task(batch: pa.Table, stage: type, kwargs: dict) -> pa.Table:
 
 
 class ReadStage:
-    """Reads one unit's records from its shard and checks every image's header (CPU task)."""
+    """Reads one unit's records from its shard (CPU task); the caption stage decodes and checks the images."""
 
-    def __init__(self, input_cfg: dict, image_cfg: dict):
+    def __init__(self, input_cfg: dict):
         self.input_cfg = InputConfig.model_validate(input_cfg)
-        self.image_cfg = ImageConfig.model_validate(image_cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from recaption.shards import WorkUnit
@@ -70,7 +69,6 @@ class ReadStage:
         return rows_table([self.read(WorkUnit.from_dict(u)) for u in batch.to_pylist()])
 
     def read(self, unit) -> dict[str, Any]:
-        from recaption.images import check_image
         from recaption.shards.read import read_unit
 
         t_start = time.time()
@@ -87,13 +85,8 @@ class ReadStage:
                     "error": rec.error,
                     "captions": [],
                 }
-                if rec.error is None:
-                    try:
-                        img = check_image(rec.image or b"", self.image_cfg)
-                    except ImageError as e:
-                        row["error"] = str(e)
-                    else:  # width and height come from the caption stage's decode (EXIF orientation applied)
-                        row.update(status="ok", image_sha256=img.sha256, image=rec.image)
+                if rec.error is None:  # size and hash come from the caption stage's decode
+                    row.update(status="ok", image=rec.image or b"")
                 rows.append(row)
         except Exception as e:  # an unreadable shard: the unit is not committed, so a rerun retries it
             log.error("unit %s: cannot read %s: %s", unit.unit, unit.uri, traceback.format_exc())
