@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -49,6 +51,8 @@ class CaptionStage:
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.keep_images = keep_images
+        self.decode_threads = max(1, math.floor(self.model.num_cpus))
+        self.pool: ThreadPoolExecutor | None = None
         self.out = open_output(output_path)
         self.n = self.model.generation.n
         self.captioner = build_captioner(self.model)
@@ -65,7 +69,6 @@ class CaptionStage:
 
     def caption_unit(self, unit: str, table: pa.Table) -> pa.Table:
         from recaption.errors import ImageError
-        from recaption.images import decode_image
 
         # The image bytes stay in Arrow (no copy into Python objects and back); rows carry everything else.
         image_column = table.column("image")
@@ -79,15 +82,13 @@ class CaptionStage:
                 rows[i].update(status="failed", error=error)
             return self.unit_table(rows, image_column, table.schema)
         images = []
-        for i in list(todo):  # the read stage did not look inside: every bad image shows up here
-            row, data = rows[i], image_column[i]
-            try:
-                decoded = decode_image(memoryview(data.as_buffer()) if data.is_valid else b"", self.image_cfg)
-            except ImageError as e:
-                row.update(status="failed", error=str(e), width=None, height=None, image_sha256=None)
+        for i, decoded in zip(list(todo), self.decode([image_column[i] for i in todo]), strict=True):
+            row = rows[i]  # the read stage did not look inside: every bad image shows up here
+            if isinstance(decoded, ImageError):
+                row.update(status="failed", error=str(decoded), width=None, height=None, image_sha256=None)
                 todo.remove(i)
-            except Exception as e:  # a decoder bug, not a bad image: fail the row, not the unit
-                row.update(status="failed", error=f"decode before captioning: {describe(e)}", image_sha256=None)
+            elif isinstance(decoded, Exception):  # a decoder bug, not a bad image: fail the row, not the unit
+                row.update(status="failed", error=f"decode before captioning: {describe(decoded)}", image_sha256=None)
                 todo.remove(i)
             else:
                 row.update(width=decoded.width, height=decoded.height, image_sha256=decoded.sha256)
@@ -108,6 +109,23 @@ class CaptionStage:
         """The unit's rows with the image column put back (the last model's stage drops it: commit needs none)."""
         table = pa.Table.from_pylist(rows, schema=schema.remove(schema.get_field_index("image")))
         return table.append_column(schema.field("image"), image_column) if self.keep_images else table
+
+    def decode(self, cells: list[pa.Scalar]) -> list:
+        """Each image decoded, or the exception its decode raised. PIL releases the GIL while decoding, so an actor
+        with several CPUs (a GPU worker's share of its node) decodes on that many threads and its engine waits less."""
+        from recaption.images import decode_image
+
+        def one(cell: pa.Scalar):
+            try:
+                return decode_image(memoryview(cell.as_buffer()) if cell.is_valid else b"", self.image_cfg)
+            except Exception as e:
+                return e
+
+        if self.decode_threads == 1 or len(cells) < 2:
+            return [one(c) for c in cells]
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        return list(self.pool.map(one, cells))
 
     def handle_degenerate(self, rows: list[dict], images: list) -> None:
         """Drops, or generates once more with a repetition penalty, this model's captions with degenerate flags."""

@@ -77,3 +77,18 @@ def test_degenerate_captions(tmp_path, policy):
     else:  # the second generation has a repetition penalty, which breaks the fake engine's loop
         assert all(c["flags"] == ["regenerated"] and c["text"].startswith("A fake caption") for c in looping)
     assert [c["prompt"] for c in looping] == ["short", "detailed"]
+
+
+@pytest.mark.parametrize("num_cpus", [0.5, 3.0])
+def test_decoding_on_one_or_several_threads_gives_the_same_rows(tmp_path, num_cpus):
+    table = unit_table([50, 51, 52, 53])
+    images = table.column("image").to_pylist()
+    images[1] = images[1][:60]  # a truncated PNG: only its row fails, with the reason
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    s = stage(tmp_path, num_cpus=num_cpus)
+    assert s.decode_threads == (3 if num_cpus == 3.0 else 1)
+    rows = s.caption_unit("u", table).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
+    assert rows[1]["error"].startswith("truncated image") and rows[1]["image_sha256"] is None
+    assert [r["width"] for r in rows] == [50, None, 52, 53] and all(len(r["captions"]) == 2 for r in rows[::2])
+    assert rows[0]["image"] == images[0]  # a stage before another model's keeps the bytes
