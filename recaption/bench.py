@@ -72,12 +72,13 @@ class BenchSizes:
     train_batch: int = 32
     scaling_images: int = 1024
     memory_units: int = 32
+    is_quick: bool = False
 
     @classmethod
     def quick(cls) -> BenchSizes:
         return cls(
             images=48, unit_size=16, image_side=128, engine_images=8, engine_batch=4, max_new_tokens=8,
-            train_steps=4, train_batch=8, scaling_images=32, memory_units=4,
+            train_steps=4, train_batch=8, scaling_images=32, memory_units=4, is_quick=True,
         )  # fmt: skip
 
 
@@ -103,6 +104,7 @@ def run_bench(
     model: str | None = None,
     json_path: str | None = None,
     num_cpus: int | None = None,
+    pipeline: str | None = None,
 ) -> BenchResult:
     """Runs the chosen sections (default: all) and prints the table; writes JSON if asked."""
     sections = sections or list(SECTIONS)
@@ -123,7 +125,7 @@ def run_bench(
         if "scaling" in sections:  # next to the data plane: the same local Ray serves both
             bench_scaling(result, work, sizes, cpus)
         if "engine" in sections:
-            bench_engine(result, work, sizes, engine, model, cpus)
+            bench_engine(result, work, sizes, engine, model, cpus, pipeline)
         if "trainer" in sections:
             bench_trainer(result, work, sizes, cpus)
     finally:
@@ -265,7 +267,9 @@ def make_shards(root: Path, n_images: int, unit_size: int, side: int) -> Path:
     return input_dir
 
 
-def pipeline_config(input_dir: Path, output_dir: Path, unit_size: int, cpus: int, models: list[dict]) -> object:
+def pipeline_config(
+    input_dir: Path, output_dir: Path, unit_size: int, cpus: int, models: list[dict], images=None
+) -> object:
     from recaption.config import PipelineConfig
 
     return PipelineConfig.model_validate(
@@ -273,6 +277,7 @@ def pipeline_config(input_dir: Path, output_dir: Path, unit_size: int, cpus: int
             "input": {"path": str(input_dir), "format": "webdataset", "unit_size": unit_size},
             "output": {"path": str(output_dir)},
             "models": models,
+            "images": images.model_dump() if images is not None else {},
             "ray": {"num_cpus": cpus},
         }
     )
@@ -310,14 +315,15 @@ class PipelineTiming:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def timed_pipeline(cfg, short_units: int) -> PipelineTiming:
+def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTiming:
     """Runs the pipeline on the current Ray on the first `short_units` units (twice: the first warms up), then on all
     of them (fresh outputs). Their difference is the steady rate, without start-up (actors loading an engine, the first unit's trip
     through every stage), which a run of millions of images pays once."""
     short = cfg.model_copy(deep=True)
     short.input.max_units = short_units
     short.output.path = cfg.output.path.rstrip("/") + "-short"
-    _run_once(short)  # warm-up: Ray's worker processes start and import once, as in any long run
+    if warm_up:  # Ray's worker processes start and import once, as in any long run
+        _run_once(short)
     s_seconds, s_images = _run_once(short)
     seconds, images = _run_once(cfg)
     if seconds > s_seconds and images > s_images:
@@ -416,9 +422,11 @@ def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: i
 # ---------------------------------------------------------------- engine
 
 
-def bench_engine(result: BenchResult, work: Path, sizes: BenchSizes, engine: str, model: str | None, cpus: int):
+def bench_engine(
+    result: BenchResult, work: Path, sizes: BenchSizes, engine: str, model: str | None, cpus: int, pipeline: str | None
+) -> None:
     if engine == "vllm":
-        return bench_engine_vllm(result, work, sizes, model or "llava-1.5-7b", cpus)
+        return bench_engine_vllm(result, work, sizes, pipeline, model, cpus)
     return bench_engine_hf(result, sizes, model or "tiny-llava")
 
 
@@ -487,50 +495,78 @@ def _best_of(bare: Callable[[], int], ours: Callable[[], int], repeats: int) -> 
     return min(bare_times), min(our_times), tokens
 
 
-def bench_engine_vllm(result: BenchResult, work: Path, sizes: BenchSizes, model: str, cpus: int) -> None:
-    """The pipeline with the vLLM engine vs a bare `vllm.LLM.generate` on the same images and sampling settings."""
+def bench_engine_vllm(
+    result: BenchResult, work: Path, sizes: BenchSizes, pipeline: str | None, model: str | None, cpus: int
+) -> None:
+    """The pipeline with the vLLM engine vs a bare `vllm.LLM.generate` loop on the same images, engine arguments and
+    sampling settings: those of the first model of a pipeline YAML (default pipelines/llava15.yaml), first prompt."""
+    import multiprocessing
+
+    from recaption.config import load_config
+    from recaption.demo import find_pipeline
     from recaption.engines.vllm import vllm_installed
 
     if not vllm_installed():
         raise ConfigError("--engine vllm: vllm is not installed in this environment (pip install 'recaption[vllm]')")
-    import torch
-
-    gpus = torch.cuda.device_count()
+    base = load_config(pipeline or find_pipeline("llava15.yaml"), [f"models.0.path={model}"] if model else [])
+    model_cfg = base.models[0].model_copy(deep=True)
+    model_cfg.prompts = model_cfg.prompts[:1]
+    model_cfg.generation = (model_cfg.generation or base.generation).model_copy()
+    if sizes.is_quick:
+        model_cfg.generation.max_new_tokens = min(model_cfg.generation.max_new_tokens, sizes.max_new_tokens)
     root = work / "vllm"
     input_dir = make_shards(root, sizes.images, sizes.unit_size, sizes.image_side)
-    output_dir = root / "output"
-    generation = {"max_new_tokens": 4 * sizes.max_new_tokens, "temperature": 0.0}
-    model_cfg = {"path": model, "engine": "vllm", "prompts": ["detailed"], "generation": generation,
-                 "concurrency": max(gpus, 1), "batch_size": sizes.unit_size}  # fmt: skip
-    cfg = pipeline_config(input_dir, output_dir, sizes.unit_size, cpus, [model_cfg])
-    bare_s, bare_n, bare_tokens = bare_vllm(cfg)
+    cfg = pipeline_config(input_dir, root / "output", sizes.unit_size, cpus, [model_cfg.model_dump()], base.images)
+    # The bare engine runs in a process of its own: when it exits, its accelerator memory is free for the pipeline's.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        bare_s, bare_n, bare_tokens = pool.submit(bare_vllm, cfg.model_dump()).result()
     with local_ray(cpus):
-        run = timed_pipeline(cfg, short_units=max(1, gpus))
-    tokens_per_image = _output_tokens(output_dir) / max(run.images, 1)
-    per_gpu = max(gpus, 1)
-    ours, bare = run.marginal_images_per_s / per_gpu, bare_n / bare_s
+        import ray
+
+        from recaption.placement import pool_size
+
+        engines = pool_size(cfg.models[0], ray.nodes())  # the pool's actors
+        run = timed_pipeline(cfg, short_units=engines, warm_up=not sizes.is_quick)
+    gpus = _gpu_count()
+    per = f"GPU ({gpus} GPUs)" if gpus else f"engine ({engines} on CPU)"
+    divisor = gpus or engines
+    tokens_per_image = _output_tokens(Path(cfg.output.path)) / max(run.images, 1)
+    ours, bare = run.marginal_images_per_s / divisor, bare_n / bare_s
     result.add(
         Measurement(
-            f"vllm pipeline ({model})", ours, "images/s/GPU", bare, _ratio(ours, bare), ">= 0.95",
-            f"{ours * tokens_per_image:.0f} generated tokens/s/GPU (bare {bare_tokens / bare_s:.0f}); {gpus} GPU(s), "
-            "steady state; bare loop: vllm.LLM.generate per unit over the same images and sampling, one engine",
+            f"vllm pipeline ({model_cfg.id})", ours, f"images/s/{per.split()[0]}", bare, _ratio(ours, bare), ">= 0.95",
+            f"per {per}: {ours * tokens_per_image:.0f} generated tokens/s (bare {bare_tokens / bare_s:.0f}); steady "
+            "rate; bare loop: one vllm.LLM, generate per unit over the same images, engine arguments and sampling",
         )
     )  # fmt: skip
 
 
-def bare_vllm(cfg) -> tuple[float, int, int]:
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def bare_vllm(cfg_dict: dict) -> tuple[float, int, int]:
     """`vllm.LLM.generate` by hand: the same engine arguments, prompt and sampling, one call per unit's images.
     Engine start is off the clock; reading and decoding are on it (the pipeline's steady rate includes them too)."""
+    from recaption.config import PipelineConfig
+
+    cfg = PipelineConfig.model_validate(cfg_dict)
+    model = cfg.models[0]
+    os.environ.update(model.env)  # what the pipeline sets in its actors (e.g. the CPU build's KV cache size)
     import vllm
 
     from recaption.engines.vllm import _load_processor, engine_args, sampling_params
-    from recaption.images import decode_image, load_rgb
+    from recaption.images import decode_image
     from recaption.models import resolve_model
     from recaption.prompts import PROMPT_FORMATS, format_prompt, get_prompt
     from recaption.shards.plan import plan_units
     from recaption.shards.read import read_unit
 
-    model = cfg.models[0]
     info = resolve_model(model.path, model.family, model.revision)
     processor = _load_processor(model, info.path) if PROMPT_FORMATS.get(info.family) is None else None
     prompt = format_prompt(info.family, get_prompt(model.prompts[0], cfg.prompts), processor)
@@ -539,7 +575,7 @@ def bare_vllm(cfg) -> tuple[float, int, int]:
     start = time.perf_counter()
     images = tokens = 0
     for unit in plan_units(cfg.input):
-        batch = [load_rgb(decode_image(r.image, cfg.images).data) for r in read_unit(unit, cfg.input) if r.image]
+        batch = [decode_image(r.image, cfg.images).image for r in read_unit(unit, cfg.input) if r.image]
         requests = [{"prompt": prompt, "multi_modal_data": {"image": im}} for im in batch]
         outputs = llm.generate(requests, [sampling_params(gen, i) for i in range(len(requests))], use_tqdm=False)
         images += len(batch)

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny sizes: checks that the bench runs, figures mean little"
     )
     bench.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="engine section: hf (CPU) or vllm (GPU)")
-    bench.add_argument("--model", help="engine section's model (default: tiny-llava for hf, llava-1.5-7b for vllm)")
+    bench.add_argument("--model", help="engine section's model (default: tiny-llava for hf; the --pipeline's for vllm)")
+    bench.add_argument(
+        "--pipeline",
+        metavar="YAML",
+        help="vllm: the pipeline whose first model (engine options, generation) is benched (default: llava15.yaml)",
+    )
     bench.add_argument("--json", metavar="PATH", help="also write the measurements and machine facts as JSON")
     bench.add_argument("--cpus", type=int, help="CPUs for Ray and the bare loops (default: all)")
     bench.add_argument("--workdir", default="bench-work", help="generated inputs and outputs (reused between runs)")
@@ -312,7 +317,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from recaption.bench import run_bench
 
-    run_bench(args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus)
+    run_bench(args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus, args.pipeline)
     return 0
 
 

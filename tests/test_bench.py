@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from recaption.bench import BenchResult, Measurement, format_table
+import pytest
+
+from recaption.bench import BenchResult, Measurement, format_table, run_bench
 
 SECTIONS_NAMES = {
     "data plane (fake engine)",
@@ -58,3 +61,15 @@ def test_table_and_targets():
     assert lines[0].split()[:2] == ["measurement", "value"]
     assert lines[2].split() == ["a", "80", "images/s", "100", "0.800", ">=", "0.8", "met"]
     assert lines[3].split()[-1] == "MISSED" and lines[4].split() == ["c", "3", "MiB"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed: scripts/test-vllm.sh")
+def test_vllm_engine_section_runs_the_pipeline_and_a_bare_llm(tmp_path):
+    """`recaption bench engine --engine vllm` on the CPU build, with demo-vllm.yaml's engine options."""
+    demo_vllm = Path(__file__).resolve().parents[1] / "pipelines" / "demo-vllm.yaml"
+    result = run_bench(tmp_path, ["engine"], quick=True, engine="vllm", num_cpus=2, pipeline=str(demo_vllm))
+    (m,) = result.measurements
+    assert m.name == "vllm pipeline (tiny-llava)" and m.unit == "images/s/engine"
+    assert m.value > 0 and m.baseline > 0 and m.ratio == pytest.approx(m.value / m.baseline)
+    assert "generated tokens/s" in m.note
