@@ -188,6 +188,10 @@ def verdict(scores: dict[str, Any], model: str, random: bool, max_new_tokens: in
             f"{model} describes these scenes in part: it finds {found:.0%} of the objects, gets "
             f"{scores['object_accuracy']:.0%} of them fully right and {exact:.0%} of captions exactly right."
         )
+        weakest = min(scores["accuracy"], key=scores["accuracy"].get)
+        lines.append(
+            f"Its weakest attribute is {weakest}: right for {scores['accuracy'][weakest]:.0%} of the objects found."
+        )
     if scores["truncated"] and not random:
         lines.append(
             f"{scores['truncated']} caption(s) hit max_new_tokens ({max_new_tokens}); their cut last sentence is not "

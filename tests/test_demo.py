@@ -19,7 +19,7 @@ from recaption.demo import (
     write_demo_shards,
 )
 from recaption.eval.ablation import commit_captions
-from recaption.eval.scenes import score_caption
+from recaption.eval.scenes import aggregate, score_caption
 from recaption.eval.synthetic import MAX_OBJECTS, make_scene
 from recaption.models import REGISTRY
 
@@ -64,7 +64,23 @@ def test_report_accuracy_of_half_wrong_captions(tmp_path, capsys):
     n_objects = sum(len(s.objects) for s in scenes)
     assert scores["truth_objects"] == n_objects and scores["matched"] == n_objects - 4
     assert scores["precision"] == 1.0 and scores["exact"] == 4 and scores["exact_rate"] == 0.5
-    assert "describes these scenes in part: it finds" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "describes these scenes in part: it finds" in printed
+
+
+def test_verdict_of_a_partly_right_captioner_names_its_weakest_attribute():
+    scenes = [make_scene(DEMO_SEED + i, size=96, max_objects=MAX_OBJECTS) for i in range(4)]
+    wrong = []
+    for scene in scenes:  # the first object of each scene in another colour
+        obj = scene.truth()["objects"][0]
+        other = "red" if obj["colour"] != "red" else "blue"
+        wrong.append(scene.long_caption.replace(f"{obj['colour']} {obj['shape']}", f"{other} {obj['shape']}", 1))
+    scores = aggregate([score_caption(t, s.truth()) for t, s in zip(wrong, scenes, strict=True)])
+    n = scores["truth_objects"]
+    assert scores["attributes"]["colour"] == n - 4 and scores["exact"] == 0
+    said = verdict({**scores, "truncated": 0}, "scene-llava", random=False, max_new_tokens=96)
+    assert said.startswith("scene-llava describes these scenes in part: it finds 100% of the objects")
+    assert f"Its weakest attribute is colour: right for {(n - 4) / n:.0%} of the objects found." in said
 
 
 def test_verdict_for_random_weights_for_nothing_found_and_for_truncated_captions():
