@@ -290,3 +290,51 @@ def test_blip2_through_vllm_in_the_ray_job(tmp_path, ray_session):
     assert summary.ok == 4 and not summary.unit_errors
     rows = check_contract(tmp_path / "out", keys, n_captions=1).to_pylist()
     assert all(r["captions"][0]["model"] == "tiny-blip2" and r["captions"][0]["n_tokens"] > 0 for r in rows)
+
+
+# The trained scene captioner (recaption/assets/scene-llava) on held-out scenes: its logits are far from tied, so
+# greedy captions of the two engines should be the same text, not just start alike.
+SCENE_CAPTIONS = 24
+MIN_SCENES_IDENTICAL = 1.0
+
+
+@vllm_test
+def test_scene_captioner_writes_the_same_captions_on_both_engines(monkeypatch):
+    from recaption import captioner
+    from recaption.eval.scenes import aggregate, score_caption
+    from recaption.models import resolve_model
+    from recaption.prompts import get_prompt
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    def config(engine: str) -> ModelConfig:
+        return ModelConfig(
+            path=resolve_model("scene-llava").path,
+            engine=engine,
+            dtype="float32",
+            device="cpu",
+            batch_size=8,
+            generation=GenerationConfig(max_new_tokens=captioner.MAX_NEW_TOKENS),
+            vllm=VLLMOptions(enforce_eager=True, max_model_len=256),
+        )
+
+    scenes = captioner.held_out_scenes(SCENE_CAPTIONS)
+    images, prompts = [s.image for s in scenes], [get_prompt(captioner.PROMPT)] * len(scenes)
+    by_vllm = vllm_engine.VLLMCaptioner(config("vllm")).caption(images, prompts)
+    by_hf = hf_engine.HFCaptioner(config("hf")).caption(images, prompts)
+    assert all(g.error is None and g.finish_reason == "stop" for g in by_vllm + by_hf)
+    same = [
+        i for i, (a, b) in enumerate(zip(by_vllm, by_hf, strict=True)) if (a.text, a.n_tokens) == (b.text, b.n_tokens)
+    ]
+    scores = {
+        name: aggregate([score_caption(g.text, s.truth()) for g, s in zip(out, scenes, strict=True)])
+        for name, out in (("vllm", by_vllm), ("hf", by_hf))
+    }
+    print(
+        f"scene-llava: {len(same)}/{len(scenes)} captions identical; object accuracy "
+        f"vllm {scores['vllm']['object_accuracy']:.3f} hf {scores['hf']['object_accuracy']:.3f}"
+    )
+    differing = [(i, by_vllm[i].text, by_hf[i].text) for i in range(len(scenes)) if i not in same]
+    assert len(same) >= MIN_SCENES_IDENTICAL * len(scenes), differing
+    assert scores["vllm"]["object_accuracy"] >= 0.9
