@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from recaption.config import PostprocessConfig
 
@@ -13,6 +12,8 @@ _ROLE_PREFIX = re.compile(r"^\s*(?:ASSISTANT|Assistant|assistant|Answer|answer|A
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Mr.", "Mrs.", "Ms.", "Dr.", "St.", "approx.", "No.")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_ABBREVIATION = re.compile("|".join(re.escape(a) for a in _ABBREVIATIONS))
+_PROTECTED = re.compile("\x00(\\d+)\x00")
 
 
 def strip_echo(text: str, prompt: str) -> str:
@@ -29,14 +30,12 @@ def split_sub_captions(text: str, min_chars: int = 3) -> list[str]:
     """Splits a caption into sentences (DreamLIP's sub-captions); fragments shorter than `min_chars` join the last."""
     if not text.strip():
         return []
-    protected = text
-    for i, abbr in enumerate(_ABBREVIATIONS):
-        protected = protected.replace(abbr, f"\x00{i}\x00")
+    protected = _ABBREVIATION.sub(lambda m: f"\x00{_ABBREVIATIONS.index(m.group(0))}\x00", text)
     parts = [p.strip() for p in _SENTENCE_END.split(protected) if p.strip()]
     sentences: list[str] = []
     for part in parts:
-        for i, abbr in enumerate(_ABBREVIATIONS):
-            part = part.replace(f"\x00{i}\x00", abbr)
+        if "\x00" in part:
+            part = _PROTECTED.sub(lambda m: _ABBREVIATIONS[int(m.group(1))], part)
         if sentences and len(part) < min_chars:
             sentences[-1] = f"{sentences[-1]} {part}"
         elif len(part) >= min_chars:
@@ -49,10 +48,9 @@ def repetition_ratio(text: str, n: int = 4) -> float:
     words = [w.lower() for w in _WORD.findall(text)]
     if len(words) < 2 * n:
         return 0.0
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    repeated = sum(c - 1 for c in counts.values())
-    return repeated / len(grams)
+    grams = len(words) - n + 1
+    distinct = len(set(zip(*(words[i:] for i in range(n)), strict=False)))  # zip stops at the last whole n-gram
+    return (grams - distinct) / grams  # each repeat of an earlier n-gram
 
 
 def caption_flags(text: str, finish_reason: str, cfg: PostprocessConfig, error: str | None = None) -> list[str]:
