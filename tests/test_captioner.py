@@ -123,9 +123,13 @@ def test_train_on_scenes_is_llava_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_retraining_with_the_cli_reaches_the_committed_accuracy(tmp_path):
+@pytest.mark.timeout(2400)
+def test_retraining_with_the_cli_reaches_the_committed_accuracy(tmp_path, committed):
+    """The committed recipe (seed, steps, threads from captioner.json) retrained from scratch: ~15 min on a CPU."""
+    meta = json.loads((committed / captioner.META_FILE).read_text())
     out = tmp_path / "scene"
-    assert main(["tiny-model", "--train-on-scenes", str(out), "--eval-scenes", "0", "--no-progress"]) == 0
+    recipe = ["--seed", str(meta["seed"]), "--steps", str(meta["steps"]), "--threads", str(meta["threads"])]
+    assert main(["tiny-model", "--train-on-scenes", str(out), "--eval-scenes", "0", "--no-progress", *recipe]) == 0
     scenes = captioner.held_out_scenes(HELD_OUT)
     scores = captioner.score_captions(captioner.caption_scenes(out, scenes), scenes)
     print(json.dumps(captioner.summary(scores)))
