@@ -98,7 +98,7 @@ def test_registry_entries_are_complete():
     names = {"llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "blip2-opt-2.7b", "sharegpt4v-7b"}
     assert names <= set(REGISTRY)
     for name, entry in REGISTRY.items():
-        assert {"family", "engine"} <= set(entry) and ("repo" in entry) != ("tiny" in entry), name
+        assert {"family", "engine"} <= set(entry) and sum(k in entry for k in ("repo", "tiny", "asset")) == 1, name
         assert entry["engine"] in {"hf", "vllm"}
 
 
