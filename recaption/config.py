@@ -197,7 +197,7 @@ class RayConfig(Strict):
 
     address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="CPUs of an auto-started local Ray (default: all)")
-    read_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each read+decode task reserves")
+    read_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each read task reserves (caption actors decode)")
     write_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each clean+commit task reserves")
 
 
