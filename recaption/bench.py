@@ -310,7 +310,7 @@ class PipelineTiming:
     seconds: float  # planning to the last commit of the full run, on a Ray already started
     images: int
     marginal_images_per_s: float  # (full - short run) images / (full - short run) seconds: start-up cancels out
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the full run: workers, ray daemons, driver
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the full run: Ray's daemons, the driver
 
     @property
     def images_per_s(self) -> float:
@@ -339,11 +339,11 @@ def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTimin
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by Ray's workers (`ray::…` processes), Ray's daemons (raylet, GCS, agents) and this
-    driver process. Processes that ended in between are lost (short-lived task workers: it reads low, not high)."""
+    """CPU seconds used so far by Ray's daemons (raylet, GCS, agents) and this driver process: Ray's own share of a
+    run. (Its workers come and go with their tasks and actors, so their CPU cannot be summed this way.)"""
     import psutil
 
-    totals = {"workers": 0.0, "ray daemons": 0.0, "driver": 0.0}
+    totals = {"ray daemons": 0.0, "driver": 0.0}
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
         times, cmd = proc.info.get("cpu_times"), " ".join(proc.info.get("cmdline") or [])
@@ -352,9 +352,7 @@ def cpu_seconds() -> dict[str, float]:
         used = times.user + times.system
         if proc.info["pid"] == me:
             totals["driver"] += used
-        elif cmd.startswith("ray::"):
-            totals["workers"] += used
-        elif "/ray/" in cmd or proc.info.get("name") in ("raylet", "gcs_server"):
+        elif not cmd.startswith("ray::") and ("/ray/" in cmd or proc.info.get("name") in ("raylet", "gcs_server")):
             totals["ray daemons"] += used
     return totals
 
@@ -432,7 +430,7 @@ def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: i
         with local_ray(cpus):
             run = timed_pipeline(cfg, short_units=max(1, units // 4))
         bare_rate = bare_n / bare_s
-        cpu = ", ".join(f"{k} {v:.1f} s" for k, v in run.cpu.items() if k != "workers")
+        cpu = ", ".join(f"{k} {v:.1f} s" for k, v in run.cpu.items())
         result.add(
             Measurement(
                 name, run.marginal_images_per_s, "images/s", bare_rate, _ratio(run.marginal_images_per_s, bare_rate),
@@ -690,10 +688,19 @@ def bench_trainer(result: BenchResult, work: Path, sizes: BenchSizes, cpus: int)
     already in memory; and corner tokens' cost in that plain loop."""
     import torch
 
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cpus)
+    try:
+        _bench_trainer(result, work, sizes, cpus)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench_trainer(result: BenchResult, work: Path, sizes: BenchSizes, cpus: int) -> None:
     from recaption.train.loop import train
     from recaption.train.run import prepare_run
 
-    torch.set_num_threads(cpus)
     data = trainer_data(work / "trainer" / "data", max(4 * sizes.train_batch, 64))
     cfg = prepare_run(train_config(data, work / "trainer" / "run", sizes))
     shutil.rmtree(Path(cfg.run.output) / "checkpoints", ignore_errors=True)

@@ -206,9 +206,19 @@ def train_scene_captioner(
     `HELD_OUT_START`) are captioned through the hf engine afterwards and the scores recorded; 0 skips that."""
     import torch
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # restored below: a caller's (or test's) torch keeps its own count
+    try:
+        return _train(out_dir, steps, seed, batch_size, eval_scenes, threads, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(out_dir, steps: int, seed: int, batch_size: int, eval_scenes: int, threads: int, progress: bool) -> Path:
+    import torch
+
     from recaption.progress import Progress
 
-    torch.set_num_threads(threads)
     model, processor = untrained_captioner(seed)
     batches = SceneBatches(processor)
     probe = cell_probe()

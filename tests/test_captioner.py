@@ -111,7 +111,13 @@ def test_train_on_scenes_runs_and_saves_a_checkpoint_both_loaders_read(tmp_path,
     assert resolve_model(str(out)).family == "llava"
     # Same seed, same weights; another seed, others.
     again, other = tmp_path / "again", tmp_path / "other"
-    captioner.train_scene_captioner(again, steps=3, seed=0, eval_scenes=0, threads=1, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        captioner.train_scene_captioner(again, steps=3, seed=0, eval_scenes=0, threads=1, progress=False)
+        assert torch.get_num_threads() == 2  # the caller's torch keeps its thread count
+    finally:
+        torch.set_num_threads(before)
     captioner.train_scene_captioner(other, steps=3, seed=1, eval_scenes=0, threads=1, progress=False)
     first, second, third = (_weights(p) for p in (out, again, other))
     assert all(torch.equal(first[k], second[k]) for k in first)
