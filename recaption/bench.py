@@ -688,7 +688,6 @@ def bench_trainer(result: BenchResult, work: Path, sizes: BenchSizes, cpus: int)
     already in memory; and corner tokens' cost in that plain loop."""
     import torch
 
-
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cpus)
     try:
