@@ -46,6 +46,11 @@ class SamplingConfig(Strict):
     models: list[str] | None = Field(None, description="Captioning models in the pool (captions.model); default: all")
     num_sub_captions: int = Field(4, ge=1, description="K sub-captions sampled per image per step (DreamLIP)")
     merge: int = Field(1, ge=1, description="Consecutive sub-captions joined into one sampled unit")
+    sub_caption_pool: Literal["chosen", "all"] = Field(
+        "chosen",
+        description="Where the K sub-captions come from: the sampled long caption (chosen), or every usable long "
+        "caption of the row, all models × long prompts (all, the reading closest to DreamLIP)",
+    )
     skip_flags: list[str] = Field(
         default_factory=lambda: ["error", "empty", "repetition", "dropped"],
         description="Captions carrying any of these flags are never sampled",
@@ -186,8 +191,12 @@ class TrainConfig(Strict):
         if self.eval is not None and not self.run.eval_every:
             raise ValueError("eval needs eval.every (or run.eval_every): steps between evals")
         text, image = self.model.text, self.model.image
-        if text.num_corners + 3 > text.context_length:
-            raise ValueError(f"model.text.context_length {text.context_length} leaves no room for text")
+        for key in ("context_length", "short_context_length"):  # [CLS][corners] at least one token [SEP]
+            if text.num_corners + 3 > getattr(text, key):
+                raise ValueError(
+                    f"model.text.{key} {getattr(text, key)} leaves no room for text after CLS, "
+                    f"model.text.num_corners {text.num_corners} corner tokens and SEP: needs at least num_corners + 3"
+                )
         if image.image_size % image.patch_size:
             raise ValueError("model.image.image_size must be a multiple of model.image.patch_size")
         if self.loss.holistic and len(self.sampling.holistic) != image.num_class_tokens:

@@ -78,11 +78,28 @@ class TextSampler:
             return None
         rng = example_rng(self.seed, epoch, row["key"])
         long = rng.choice(pool)
-        subs = [s for s in long.get("sub_captions") or [] if s.strip()] or [long["text"].strip()]
-        chosen_subs = draw(sub_caption_units(subs, self.cfg.merge), self.cfg.num_sub_captions, rng)
+        subs = _sub_captions(long)
+        chosen_subs = draw(self.units(long, pool), self.cfg.num_sub_captions, rng)
         short = self._first(self.cfg.short, row, captions, long, rng) or subs[0]
         holistic = [self._first([s], row, captions, long, rng) or long["text"] for s in self.cfg.holistic]
         return Texts(short=short, long=long["text"].strip(), subs=chosen_subs, holistic=holistic)
+
+    def units(self, long: dict, pool: list[dict]) -> list[str]:
+        """What the K sub-captions are drawn from, per `sampling.sub_caption_pool`.
+
+        `chosen`: the units of the sampled long caption only (so sub-captions and the long text agree).
+        `all`: the units of every caption in the row's long pool (all chosen models × long prompts), each caption
+        split and merged on its own (a merged unit never joins two captions), in the row's stored order, a sentence
+        that several captions share kept once. This is our reading of DreamLIP (arXiv 2403.17007): its abstract
+        samples sub-captions "from the text label" of an image, and its released captions give each image the long
+        captions of three MLLMs (InstructBLIP, LLaVA-1.5, ShareGPT4V). Its training code is unreleased and its
+        method section could not be checked here, so `chosen` stays the default (the behaviour before this option);
+        set `all` to pool. With one long caption of distinct sentences both give the same draws.
+        """
+        if self.cfg.sub_caption_pool == "chosen":
+            return sub_caption_units(_sub_captions(long), self.cfg.merge)
+        units = [u for c in pool for u in sub_caption_units(_sub_captions(c), self.cfg.merge)]
+        return list(dict.fromkeys(units))
 
     def _first(self, sources: list[str], row: dict, captions: list[dict], long: dict, rng: random.Random) -> str | None:
         for source in sources:
@@ -97,3 +114,8 @@ class TextSampler:
             if text:
                 return text
         return None
+
+
+def _sub_captions(caption: dict) -> list[str]:
+    """A caption's stored sub-captions, or its whole text as the one sub-caption when none were stored."""
+    return [s for s in caption.get("sub_captions") or [] if s.strip()] or [caption["text"].strip()]

@@ -22,6 +22,30 @@ def test_ready_configs_load_and_say_what_their_comments_say():
     assert big.distributed.use_gpu and big.distributed.backend == "nccl" and big.run.precision == "auto"
 
 
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("train-*.yaml")), ids=lambda p: p.name)
+def test_every_train_yaml_loads_and_its_commented_eval_example_too(path, tmp_path):
+    """Each ready config validates; a commented-out `# eval:` example validates once uncommented and then drives
+    the loop's eval hook (run.eval_every)."""
+    text = path.read_text()
+    cfg = load_train_config(path)
+    assert cfg.eval is None or cfg.run.eval_every > 0
+    assert cfg.eval is not None or not cfg.run.eval_every, "run.eval_every does nothing without an eval section"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("# eval:")), None)
+    if start is None:
+        return
+    block = [lines[start][2:]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[2:])
+    yaml = tmp_path / path.name
+    yaml.write_text(text + "\n" + "\n".join(block) + "\n")
+    uncommented = load_train_config(yaml)
+    assert uncommented.eval is not None and uncommented.eval.config.endswith(".yaml")
+    assert uncommented.run.eval_every == uncommented.eval.every > 0
+
+
 def test_overrides_and_defaults():
     cfg = load_train_config(None, ["model.text.num_corners=0", "loss.grouping=0.5", "run.steps=3"], data=MINIMAL)
     assert cfg.model.text.num_corners == 0 and cfg.loss.grouping == 0.5 and cfg.run.steps == 3
@@ -33,6 +57,8 @@ def test_overrides_and_defaults():
     [
         (["run.stepz=3"], "run.stepz: unknown key"),
         (["model.text.context_length=1024"], "model.text.context_length"),
+        (["model.text.short_context_length=4"], "model.text.short_context_length 4 leaves no room.*num_corners 2"),
+        (["model.text.context_length=8", "model.text.num_corners=6"], "model.text.context_length 8 leaves no room"),
         (["model.image.image_size=30"], "multiple of model.image.patch_size"),
         (["loss.holistic=1"], "one sampling.holistic source per image branch"),
         (["loss.long=0", "loss.short=0", "loss.multi_positive=0"], "nothing to train"),

@@ -117,3 +117,49 @@ def test_unknown_text_source_is_a_config_error():
                 "sampling": {"short": ["caption"]},
             },
         )
+
+
+def test_pool_all_mixes_the_sub_captions_of_every_usable_long_caption():
+    chosen, pooled = sampler(num_sub_captions=4), sampler(num_sub_captions=4, sub_caption_pool="all")
+    mixed = 0
+    for i in range(40):
+        r = row(f"k{i}")
+        first, second = (set(c["sub_captions"]) for c in r["captions"][:2])  # models m1 and m2, prompt detailed
+        texts = pooled.sample(r, epoch=0)
+        assert texts == pooled.sample(row(f"k{i}"), epoch=0)  # deterministic given (seed, epoch, key)
+        assert len(texts.subs) == 4 and len(set(texts.subs)) == 4
+        assert set(texts.subs) <= first | second  # never the short prompt's caption
+        mixed += bool(set(texts.subs) & first and set(texts.subs) & second)
+        # `chosen` keeps to the long caption it sampled.
+        alone = chosen.sample(r, epoch=0)
+        assert set(alone.subs) <= first or set(alone.subs) <= second
+    assert mixed >= 20, mixed  # with 11 units from two captions most draws of 4 take from both
+
+
+def test_pool_all_respects_k_merge_flags_and_failed_rows():
+    s = sampler(num_sub_captions=7, merge=2, sub_caption_pool="all")
+    captions = [
+        caption("detailed", ["A.", "B.", "C."]),
+        caption("detailed", ["X.", "Y."], model="m2"),
+        caption("detailed", ["Loop.", "Loop."], model="m3", flags=["repetition"]),
+    ]
+    texts = s.sample(row(captions=captions), epoch=3)
+    # Merged within each caption, never across two; K larger than the 3 units: each unit once, then repeats.
+    assert len(texts.subs) == 7 and set(texts.subs) == {"A. B.", "B. C.", "X. Y."}
+    assert s.sample(row(status="failed"), 0) is None and not s.trainable(row(status="failed"))
+    # A sentence two models share is one unit, not two chances.
+    shared = [caption("detailed", ["Same.", "One."]), caption("detailed", ["Same.", "Two."], model="m2")]
+    assert sorted(sampler(num_sub_captions=3, sub_caption_pool="all").units(shared[0], shared)) == [
+        "One.",
+        "Same.",
+        "Two.",
+    ]
+    with pytest.raises(ConfigError, match="sampling.sub_caption_pool"):
+        load_train_config(
+            None,
+            data={
+                "data": {"path": "x"},
+                "run": {"output": "o", "steps": 1, "batch_size": 2},
+                "sampling": {"sub_caption_pool": "every"},
+            },
+        )
