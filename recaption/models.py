@@ -25,27 +25,71 @@ GENERIC_FAMILY = "chat"
 NEEDS_CONVERSION = {"Share4VLlamaForCausalLM"}
 FAMILIES = frozenset(ARCHITECTURE_FAMILIES.values()) | {GENERIC_FAMILY}
 
-# Named models a config may use as `path`. `repo` is a Hugging Face repo id; `engine` the default engine.
+# Named models a config may use as `path`. `repo` is a Hugging Face repo id, `revision` the one loaded (a commit hash
+# pins it; `main` follows the repo), `engine` the default engine, `chat_format` the PROMPT_FORMATS entry that wraps
+# prompts (recaption/prompts), and `hf` the ModelConfig defaults under the hf engine: a 7B/13B model needs a GPU and
+# runs in bf16 there. Config values always win; `--set models.N.num_gpus=0` runs one on a CPU (in float32).
+_HF_ON_GPU = {"num_gpus": 1, "dtype": "bfloat16"}
 REGISTRY: dict[str, dict[str, Any]] = {
-    "llava-1.5-7b": {"repo": "llava-hf/llava-1.5-7b-hf", "family": "llava", "engine": "vllm", "max_model_len": 4096},
-    "llava-1.5-13b": {"repo": "llava-hf/llava-1.5-13b-hf", "family": "llava", "engine": "vllm", "max_model_len": 4096},
-    # vLLM has no InstructBLIP: it runs on the hf engine (batched, bf16 on GPU).
-    "instructblip-vicuna-7b": {"repo": "Salesforce/instructblip-vicuna-7b", "family": "instructblip", "engine": "hf"},
-    "blip2-opt-2.7b": {"repo": "Salesforce/blip2-opt-2.7b", "family": "blip2", "engine": "vllm", "max_model_len": 2048},
-    "sharegpt4v-7b": {
-        "repo": "Lin-Chen/ShareGPT4V-7B",
-        "family": "sharegpt4v",
+    "llava-1.5-7b": {
+        "repo": "llava-hf/llava-1.5-7b-hf",
+        "revision": "main",
+        "family": "llava",
+        "chat_format": "llava",
         "engine": "vllm",
         "max_model_len": 4096,
-        "note": "convert first: recaption convert sharegpt4v SRC DST --vision-tower TOWER; then path: DST",
+        "hf": _HF_ON_GPU,
+    },
+    "llava-1.5-13b": {
+        "repo": "llava-hf/llava-1.5-13b-hf",
+        "revision": "main",
+        "family": "llava",
+        "chat_format": "llava",
+        "engine": "vllm",
+        "max_model_len": 4096,
+        "hf": _HF_ON_GPU,
+    },
+    # vLLM has no InstructBLIP: it runs on the hf engine (batched, on one GPU in bf16).
+    "instructblip-vicuna-7b": {
+        "repo": "Salesforce/instructblip-vicuna-7b",
+        "revision": "main",
+        "family": "instructblip",
+        "chat_format": "instructblip",
+        "engine": "hf",
+        "hf": _HF_ON_GPU,
+    },
+    "blip2-opt-2.7b": {
+        "repo": "Salesforce/blip2-opt-2.7b",
+        "revision": "main",
+        "family": "blip2",
+        "chat_format": "blip2",
+        "engine": "vllm",
+        "max_model_len": 2048,
+        "hf": _HF_ON_GPU,
+    },
+    # Released in the original LLaVA repo format, which no engine loads: `convert` names what to run instead.
+    "sharegpt4v-7b": {
+        "repo": "Lin-Chen/ShareGPT4V-7B",
+        "revision": "main",
+        "family": "sharegpt4v",
+        "chat_format": "sharegpt4v",
+        "engine": "vllm",
+        "max_model_len": 4096,
+        "hf": _HF_ON_GPU,
+        "convert": "sharegpt4v",
     },
     # Tiny random-weight models built locally on first use (recaption/tiny.py): the demo and tests.
-    "tiny-llava": {"tiny": "llava", "family": "llava", "engine": "hf"},
-    "tiny-instructblip": {"tiny": "instructblip", "family": "instructblip", "engine": "hf"},
-    "tiny-blip2": {"tiny": "blip2", "family": "blip2", "engine": "hf"},
+    "tiny-llava": {"tiny": "llava", "family": "llava", "chat_format": "llava", "engine": "hf"},
+    "tiny-instructblip": {
+        "tiny": "instructblip",
+        "family": "instructblip",
+        "chat_format": "instructblip",
+        "engine": "hf",
+    },
+    "tiny-blip2": {"tiny": "blip2", "family": "blip2", "chat_format": "blip2", "engine": "hf"},
     # A tiny LLaVA trained to describe the generated scenes of recaption.eval.synthetic (recaption/captioner.py),
     # shipped in the package: captions that can be scored against the scenes' truth, on a CPU, offline.
-    "scene-llava": {"asset": "scene-llava", "family": "llava", "engine": "hf"},
+    "scene-llava": {"asset": "scene-llava", "family": "llava", "chat_format": "llava", "engine": "hf"},
 }
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -77,6 +121,8 @@ def resolve_model(path_or_name: str, family: str = "auto", revision: str | None 
     if family != "auto" and family not in FAMILIES:
         raise ConfigError(f"model family {family!r} is unknown; use auto or one of {', '.join(sorted(FAMILIES))}")
     entry = REGISTRY.get(path_or_name)
+    if entry and entry.get("convert"):
+        raise ConfigError(conversion_message(path_or_name, entry))
     target = _registry_target(entry) if entry else path_or_name
     local = Path(target).expanduser()
     if local.is_dir():
@@ -100,6 +146,17 @@ def resolve_model(path_or_name: str, family: str = "auto", revision: str | None 
     if family == "auto":
         family = entry["family"] if entry else family_of(architectures)
     return ModelInfo(target, family, architectures, revision, path_or_name if entry else None)
+
+
+def conversion_message(name: str, entry: dict[str, Any]) -> str:
+    """What to run before a registry entry released in a format no engine loads can be used (one line)."""
+    repo = entry["repo"]
+    return (
+        f"model {name} ({repo}) is released in ShareGPT4V's original format, which neither engine loads: download "
+        f"it (`hf download {repo} --local-dir SRC`), convert it (`recaption convert {entry['convert']} SRC DST`; the "
+        "CLIP tower its config names is read from the HF cache, or pass --vision-tower DIR) and set the model's path "
+        "to DST (`path: DST` in the YAML or `--set models.N.path=DST`)"
+    )
 
 
 def _registry_target(entry: dict[str, str]) -> str:

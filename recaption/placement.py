@@ -25,10 +25,13 @@ def cluster_gpus(nodes: list[dict[str, Any]], accelerator_type: str | None = Non
 
 
 def pool_size(model: ModelConfig, nodes: list[dict[str, Any]]) -> int:
-    """Actors in a model's pool: the configured number, or (auto) as many as the cluster's GPUs hold."""
-    if model.concurrency != "auto":
-        return model.concurrency
+    """Actors in a model's pool: the configured number, or (auto) as many as the cluster's GPUs hold. A pool of GPU
+    actors on a cluster where no node has one actor's GPUs is an error now, not a job that waits forever."""
     per_actor = model.gpus_per_actor
+    if model.concurrency != "auto":
+        if per_actor > 0:
+            _check_an_actor_fits(model, nodes, per_actor)
+        return model.concurrency
     if per_actor <= 0:
         raise ConfigError(f"models[{model.id}].concurrency: auto sizes GPU pools; set num_gpus or a number of actors")
     gpus = cluster_gpus(nodes, model.accelerator_type)
@@ -40,6 +43,18 @@ def pool_size(model: ModelConfig, nodes: list[dict[str, Any]]) -> int:
             f"fewer than one actor's {per_actor:g}"
         )
     return size
+
+
+def _check_an_actor_fits(model: ModelConfig, nodes: list[dict[str, Any]], per_actor: float) -> None:
+    most = max((cluster_gpus([node], model.accelerator_type) for node in nodes), default=0.0)
+    if most + 1e-9 >= per_actor:
+        return
+    kind = f" of type {model.accelerator_type}" if model.accelerator_type else ""
+    raise ConfigError(
+        f"models[{model.id}]: each actor needs {per_actor:g} GPUs{kind} but no node of the Ray cluster has "
+        f"{'them' if per_actor > 1 else 'one'} (most on one node: {most:g}); run on a GPU machine or cluster, or on "
+        "CPUs with `num_gpus: 0` (`--set models.N.num_gpus=0`)"
+    )
 
 
 def actor_options(model: ModelConfig, nodes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,8 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import huggingface_hub.constants  # noqa: E402
 
+from recaption.config import ModelConfig, load_config  # noqa: E402
 from recaption.errors import ConfigError  # noqa: E402
 from recaption.models import REGISTRY, family_of, resolve_model  # noqa: E402
+from recaption.prompts import PROMPT_FORMATS  # noqa: E402
 from recaption.tiny import FAMILIES, build_tiny  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -98,8 +100,48 @@ def test_registry_entries_are_complete():
     names = {"llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "blip2-opt-2.7b", "sharegpt4v-7b"}
     assert names <= set(REGISTRY)
     for name, entry in REGISTRY.items():
-        assert {"family", "engine"} <= set(entry) and sum(k in entry for k in ("repo", "tiny", "asset")) == 1, name
+        assert {"family", "engine", "chat_format"} <= set(entry), name
+        assert sum(k in entry for k in ("repo", "tiny", "asset")) == 1, name
         assert entry["engine"] in {"hf", "vllm"}
+        # The format that wraps its prompts is the one its family's engines use.
+        assert PROMPT_FORMATS[entry["chat_format"]] == PROMPT_FORMATS[entry["family"]], name
+        if "repo" in entry:  # a Hub checkpoint is loaded at a stated revision (a commit, or a branch)
+            assert isinstance(entry["revision"], str) and entry["revision"], name
+            assert set(entry["hf"]) <= set(ModelConfig.model_fields), name
+    assert REGISTRY["instructblip-vicuna-7b"]["engine"] == "hf"  # vLLM has no InstructBLIP
+
+
+def test_a_registry_model_brings_its_engine_revision_gpu_and_dtype():
+    blip = ModelConfig(path="instructblip-vicuna-7b")
+    assert (blip.engine, blip.revision, blip.num_gpus, blip.dtype) == ("hf", "main", 1, "bfloat16")
+    assert blip.gpus_per_actor == 1
+    # Config values win; an actor put on CPUs keeps dtype auto (float32 there), not bf16.
+    cpu = load_config(None, ["models.0.num_gpus=0"], data=_pipeline("instructblip-vicuna-7b")).models[0]
+    assert (cpu.num_gpus, cpu.dtype, cpu.gpus_per_actor) == (0, "auto", 0)
+    fp16 = ModelConfig(path="instructblip-vicuna-7b", dtype="float16", revision="0123abc")
+    assert (fp16.dtype, fp16.revision, fp16.num_gpus) == ("float16", "0123abc", 1)
+    # Under vllm the engine reserves tensor_parallel_size GPUs and picks its dtype; the hf defaults do not apply.
+    llava = ModelConfig(path="llava-1.5-7b")
+    assert (llava.engine, llava.num_gpus, llava.dtype, llava.gpus_per_actor) == ("vllm", None, "auto", 1.0)
+    assert llava.vllm.max_model_len == 4096
+    assert (ModelConfig(path="llava-1.5-7b", engine="hf").num_gpus, ModelConfig(path="tiny-llava").num_gpus) == (
+        1,
+        None,
+    )
+
+
+def _pipeline(path: str) -> dict:
+    return {"input": {"path": "in"}, "output": {"path": "out"}, "models": [{"path": path}]}
+
+
+def test_sharegpt4v_registry_name_says_exactly_what_to_run():
+    with pytest.raises(ConfigError) as e:
+        resolve_model("sharegpt4v-7b")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "`hf download Lin-Chen/ShareGPT4V-7B --local-dir SRC`" in message
+    assert "`recaption convert sharegpt4v SRC DST`" in message
+    assert "`--set models.N.path=DST`" in message and "path: DST" in message
 
 
 def test_tiny_registry_name_builds_once_into_the_cache(tmp_path, monkeypatch):

@@ -41,6 +41,22 @@ def test_auto_pool_errors_are_config_errors():
         pool_size(ModelConfig(path="m", engine="hf", concurrency="auto"), NODES)
 
 
+def test_a_gpu_pool_on_a_cluster_without_such_gpus_is_a_config_error_saying_how_to_use_cpus():
+    cpu_only = [{"Alive": True, "Resources": {"CPU": 16.0}}]
+    hf_on_gpu = ModelConfig(path="instructblip-vicuna-7b")  # the registry puts it on one GPU
+    with pytest.raises(ConfigError) as e:
+        pool_size(hf_on_gpu, cpu_only)
+    assert "no node of the Ray cluster has one" in str(e.value) and "--set models.N.num_gpus=0" in str(e.value)
+    assert pool_size(hf_on_gpu, NODES) == 1
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):  # 8 + 4 GPUs in all, but an engine spans one node
+        pool_size(vllm(vllm={"tensor_parallel_size": 2}, num_gpus=2), NODES[:1])
+    assert pool_size(vllm(vllm={"tensor_parallel_size": 8}), NODES) == 1
+    with pytest.raises(ConfigError, match="most on one node: 8"):
+        pool_size(vllm(vllm={"tensor_parallel_size": 12}), NODES)
+    cpu = ModelConfig(path="instructblip-vicuna-7b", num_gpus=0, concurrency=2)
+    assert pool_size(cpu, cpu_only) == 2
+
+
 def test_gpu_sharing_must_leave_memory_and_tp_reserves_its_gpus():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         vllm(num_gpus=0.5)
