@@ -230,8 +230,13 @@ def image_corpus() -> list[tuple[str, str, bytes, str | None]]:
         ("png-16bit", "png", save(Image.new("I;16", (40, 30), 40000), "PNG"), None),
         ("palette-transparent", "png", save(palette, "PNG", transparency=0), None),
         ("animated-gif", "gif", save(frames[0], "GIF", save_all=True, append_images=frames[1:]), None),
-        ("animated-webp", "webp", save(frames[0], "WEBP", save_all=True, append_images=frames[1:]), None),
+        (
+            "animated-webp",
+            "webp",
+            save(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True),
+            None,
+        ),
         ("bomb", "png", png_header_only(100_000, 100_000), "decompression bomb"),
-        ("one-pixel", "png", save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), None),
+        ("one-pixel", "png", save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "image too small: 1x1"),
         ("ünïcode-ключ-画像", "jpg", make_image(3), None),
     ]

@@ -10,9 +10,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from PIL import Image
 
 from recaption.config import load_config
+from recaption.engines.fake import fake_caption
 from recaption.pipeline import run_pipeline
+from recaption.prompts import get_prompt
 from tests.data import image_corpus, make_image
 
 FAKE = {"name": "fake", "path": "fake", "engine": "fake", "prompts": ["short"], "num_cpus": 0.25}
@@ -34,16 +37,26 @@ def run(tmp_path: Path, input_path: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
+def caption_id(rgb: tuple[int, int, int]) -> str:
+    """The opening of the fake engine's caption of a 40×30 image of one colour: its hash tells the pixels apart."""
+    return fake_caption(Image.new("RGB", (40, 30), rgb), get_prompt("short")).split(" of a ")[0]
+
+
 def check_corpus(rows: dict[str, dict]) -> None:
     for key, _, _, expected_error in image_corpus():
         row = rows[key]
+        assert row["alt_text"] == caption_of(key), row  # unicode keys and alt texts round-trip, failed rows too
         if expected_error is None:
             assert row["status"] == "ok", row
             assert row["captions"][0]["text"] and row["width"] > 0
-            assert row["alt_text"] in (None, caption_of(key))
         else:
             assert row["status"] == "failed" and expected_error in row["error"], row
             assert row["captions"] == [] and row["width"] is None
+    assert "a side is below images.min_side 8" in rows["one-pixel"]["error"]
+    # Animated images are captioned from their first frame (red), not a later one (green).
+    for key in ("animated-gif", "animated-webp"):
+        text = rows[key]["captions"][0]["text"]
+        assert caption_id((255, 0, 0)) in text and caption_id((0, 255, 0)) not in text, text
 
 
 def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -94,7 +107,8 @@ def test_parquet_corpus_with_a_null_image(tmp_path):
     rows = run(tmp_path, tmp_path / "in")
     check_corpus(rows)
     assert len(rows) == len(corpus) + 1
-    assert rows["null-image"]["status"] == "failed" and "image" in rows["null-image"]["error"]
+    assert rows["null-image"]["status"] == "failed" and rows["null-image"]["alt_text"] == "no image here"
+    assert rows["null-image"]["error"] == "image is null"
 
 
 def test_folder_corpus(tmp_path):

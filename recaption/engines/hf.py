@@ -104,8 +104,8 @@ class HFCaptioner:
         try:
             return self._generate(images, prompts, seed)
         except torch.cuda.OutOfMemoryError:
-            if len(images) == 1:
-                return [_error("CUDA out of memory on a single image")]
+            if len(images) == 1:  # n generations per request, like any other result, so captions stay aligned
+                return [_error("CUDA out of memory on a single image even at batch size 1")] * self.gen.n
             torch.cuda.empty_cache()
             half = len(images) // 2  # a smaller batch may fit; the halves keep their order
             return self._caption_batch(images[:half], prompts[:half], seed) + self._caption_batch(

@@ -164,3 +164,28 @@ def test_stop_strings_end_generation(tiny):
         if word in f.text:
             assert s.finish_reason == "stop" and word not in s.text and f.text.startswith(s.text)
             assert s.n_tokens <= f.n_tokens
+
+
+def test_out_of_memory_halves_the_batch_keeps_order_and_n_per_request(tiny, monkeypatch):
+    import torch
+
+    engine = captioner(tiny["llava"], batch_size=4, temperature=1.0, n=3, seed=3)
+    real, sizes = engine._generate, []
+
+    def tight_memory(imgs, prompts, seed):
+        sizes.append(len(imgs))
+        if len(imgs) > 1 or "huge" in prompts:  # only single requests fit; "huge" fits nowhere
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(imgs, prompts, seed)
+
+    monkeypatch.setattr(engine, "_generate", tight_memory)
+    imgs, prompts = images(4), ["a", "b", "huge", "c"]
+    out = engine.caption(imgs, prompts)
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]  # 4 → 2 → 1, first half before the second
+    assert len(out) == 4 * 3  # n generations per request, also for the one that failed
+    failed = out[6:9]
+    assert all(g.finish_reason == "error" and "out of memory on a single image" in g.error for g in failed)
+    assert all(g.error is None for g in out[:6] + out[9:])
+    # Each request got the draws it gets alone at batch size 1: the halves kept their order and seeds.
+    alone = captioner(tiny["llava"], batch_size=1, temperature=1.0, n=3, seed=3).caption(imgs, ["a", "b", "x", "c"])
+    assert [g.text for g in out[:6] + out[9:]] == [g.text for g in alone[:6] + alone[9:]]
