@@ -76,6 +76,7 @@ def save_checkpoint(
         trainer = {"step": step, "world": world, "model_hash": model_hash}
         torch.save({**trainer, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "trainer.pt")
         final = root / name
+        fault_point("train:before-rename")  # the temp dir is complete; `latest` still names the previous one
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / f"{TMP_PREFIX}{LATEST}"

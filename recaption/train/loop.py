@@ -172,7 +172,9 @@ def freeze_unused(model: ContrastiveModel, cfg: TrainConfig) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """CLIP's split: weight decay on matrices only, not on biases, norms, scales, embeddings and learned tokens."""
+    """Two AdamW groups: weight decay on parameters of 2+ dims (linear and attention weights, projections); none on
+    1-dim ones (biases, norm weights, logit scales), on any parameter with `embedding` in its name (token, position
+    and class embeddings, the patch-embedding kernel) or on the corner and extra class tokens."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

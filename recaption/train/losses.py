@@ -26,7 +26,8 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        grad = grad.contiguous()
+        # A copy: autograd may hand the same tensor to other consumers, and all_reduce works in place.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         return grad.chunk(ctx.world, dim=0)[ctx.rank]
 

@@ -125,7 +125,13 @@ def text_encoder(cfg: TextTowerConfig, vocab_size: int, pad_token_id: int) -> nn
     from transformers import AutoConfig, BertConfig, BertModel
 
     if cfg.pretrained:
-        _model_type(AutoConfig, cfg.pretrained, "model.text.pretrained")
+        kind = _model_type(AutoConfig, cfg.pretrained, "model.text.pretrained")
+        # The tower is built as a BertModel and its tokenizer must give `[CLS] text [SEP]`: RoBERTa-style
+        # checkpoints differ in position ids and special tokens, so only BERT checkpoints load.
+        if kind != "bert":
+            raise ConfigError(
+                f"model.text.pretrained: {cfg.pretrained} is a {kind!r} checkpoint, expected a BERT one (model_type bert)"
+            )
         model = BertModel.from_pretrained(cfg.pretrained, add_pooling_layer=False)
         if model.config.max_position_embeddings < cfg.context_length:
             raise ConfigError(

@@ -130,3 +130,19 @@ def test_a_whole_clip_checkpoint_gives_its_vision_tower(tmp_path):
 def test_pretrained_paths_that_are_not_checkpoints_fail_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match="model.image.pretrained"):
         build_model(tiny_cfg(pretrained=str(tmp_path)), 50, 0)
+
+
+def test_a_text_checkpoint_that_is_not_bert_is_refused_with_the_key(tmp_path):
+    from transformers import BertConfig, RobertaConfig
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    RobertaConfig(vocab_size=50, **tiny).save_pretrained(tmp_path / "roberta")  # only config.json is read
+    cfg = ModelConfig.model_validate({**TINY, "text": {**TINY["text"], "pretrained": str(tmp_path / "roberta")}})
+    with pytest.raises(ConfigError, match=r"model.text.pretrained: .* is a 'roberta' checkpoint, expected a BERT"):
+        build_model(cfg, 50, 0)
+    # A BERT checkpoint of the same sizes loads.
+    from transformers import BertModel
+
+    BertModel(BertConfig(vocab_size=50, max_position_embeddings=32, **tiny)).save_pretrained(tmp_path / "bert")
+    cfg.text.pretrained = str(tmp_path / "bert")
+    assert build_model(cfg, 50, 0).text.encoder.config.model_type == "bert"
