@@ -98,8 +98,7 @@ def train(
             step += 1
             window_steps += 1
             data_state = batch["state"]
-            bar.advance(1, {"samples": accum * micro_batch * world})
-
+            samples = {"samples": accum * micro_batch * world}
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {
@@ -113,8 +112,11 @@ def train(
                     "epoch": data_state.epoch,
                 }
                 history.append(record)
+                bar.advance(1, samples, loss=record["loss"])
                 write_metrics(metrics, record, bar)
                 window_start, window_steps = time.perf_counter(), 0
+            else:
+                bar.advance(1, samples)  # the loss stays on the device between log steps: no sync per step
             if eval_hook is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0 and main:
                 model.eval()
                 with torch.no_grad():
