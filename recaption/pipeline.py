@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -61,13 +62,15 @@ def run_pipeline(
     check_same_config(cfg, out, done)
     todo = [u for u in units if u.unit not in done]
     summary = RunSummary(output=cfg.output.path, units_total=len(units), units_skipped=len(units) - len(todo))
-    if not todo:
+    if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
+        Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
         return summary
     placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
     run_meta = run_metadata(cfg, prompt_texts)
     out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     start = time.time()
-    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements)
+    # Attempts at a unit are counted per run: a run that was killed (driver, Ctrl-C) is no engine crash.
+    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements, run_id=uuid.uuid4().hex)
     with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
         for row in ds.iter_rows():
             summary.units_done += 1
@@ -94,7 +97,14 @@ def place_models(cfg: PipelineConfig) -> list[dict]:
     return [actor_options(model, nodes) for model in cfg.models]
 
 
-def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta: dict, placements: list[dict]):
+def build_dataset(
+    cfg: PipelineConfig,
+    units: list,
+    prompt_texts: dict,
+    run_meta: dict,
+    placements: list[dict],
+    run_id: str | None = None,
+):
     """The Ray Data job: one row per unit throughout, one actor pool per model."""
     import ray.data
 
@@ -122,6 +132,7 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
                 "output_path": cfg.output.path,
                 "image_cfg": cfg.images.model_dump(),
                 "keep_images": i < len(cfg.models) - 1,  # the commit stage needs no pixels
+                "run_id": run_id,
             },
             **placement,
             **common,

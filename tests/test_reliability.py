@@ -5,12 +5,14 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 import pytest
 
+from recaption.captioning import CaptionStage
 from recaption.cli import main
 from recaption.config import load_config
-from recaption.errors import ConfigError
+from recaption.errors import ConfigError, EngineError
 from recaption.pipeline import run_pipeline
 from recaption.shards.tar import write_webdataset
 from tests.data import make_image, write_webdataset_dir
+from tests.test_captioning import stage, unit_table
 
 FAKE = {"name": "fake", "path": "fake", "engine": "fake", "prompts": ["short"], "num_cpus": 0.25}
 
@@ -73,3 +75,73 @@ def test_cli_exit_codes_for_bad_paths(tmp_path, capsys):
     assert len(err) == 1 and "notes.txt" in err[0]
     assert main(["run", str(path), "--set", "input.format=tarballs"]) == 2
     assert "input.format" in capsys.readouterr().err
+
+
+def test_attempts_of_an_earlier_run_do_not_count(tmp_path):
+    """A run killed while captioning (driver, Ctrl-C) is no engine crash: a new run starts counting afresh."""
+
+    def stage_of_run(run_id: str) -> CaptionStage:
+        s = stage(tmp_path, max_unit_attempts=1)
+        return CaptionStage(
+            s.model.model_dump(), s.prompt_texts, s.post.model_dump(), str(tmp_path / "out"), run_id=run_id
+        )
+
+    for n in (1, 2):
+        assert stage_of_run("killed-run").begin_attempt("u") == n
+    assert {r["status"] for r in stage_of_run("new-run").caption_unit("u", unit_table([50, 51])).to_pylist()} == {"ok"}
+    # Within one run the count goes on: the killed run's stage would now give up.
+    rows = stage_of_run("new-run").caption_unit("u", unit_table([50, 51])).to_pylist()
+    assert all("crashed on this unit 1 times" in r["error"] for r in rows)
+
+
+def test_an_engine_that_returns_the_wrong_number_of_generations_fails_loudly(tmp_path, monkeypatch):
+    s = stage(tmp_path, generation={"n": 2, "temperature": 1.0})
+    real = s.captioner.caption
+    monkeypatch.setattr(s.captioner, "caption", lambda images, prompts, gen=None: real(images, prompts, gen)[:-1])
+    with pytest.raises(EngineError, match=r"returned 7 generations for 2 images × 2 prompts × n=2 \(expected 8\)"):
+        s.caption_unit("u", unit_table([50, 51]))
+
+
+def test_a_shard_that_becomes_unreadable_after_planning_exits_1_and_is_retried(
+    tmp_path, ray_session, monkeypatch, capsys
+):
+    """As the README says: reported, no marker for its unit, exit 1; the next run redoes only that unit."""
+    import recaption.shards.plan as plan
+
+    write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"input: {{path: {tmp_path / 'in'}}}\noutput: {{path: {tmp_path / 'out'}}}\n"
+        "models: [{path: fake, engine: fake, num_cpus: 0.25}]\n"
+    )
+    shard = tmp_path / "in" / "00001.tar"
+    saved, real_plan = shard.read_bytes(), plan.plan_units
+
+    def plan_then_lose_a_shard(input_cfg):
+        units = real_plan(input_cfg)
+        shard.unlink()  # a node's disk, a deleted object: gone between the plan and the read
+        return units
+
+    monkeypatch.setattr(plan, "plan_units", plan_then_lose_a_shard)
+    assert main(["run", str(path), "--no-progress"]) == 1
+    markers = sorted(p.name for p in (tmp_path / "out" / "_done").iterdir())
+    assert markers == ["00000.json"] and not (tmp_path / "out" / "part-00001.parquet").exists()
+    monkeypatch.setattr(plan, "plan_units", real_plan)
+    shard.write_bytes(saved)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["00000.json", "00001.json"]
+    assert "units:    1 run, 1 already done" in capsys.readouterr().out
+    assert pads.dataset(str(tmp_path / "out")).count_rows() == 4
+
+
+def test_part_files_without_a_marker_are_removed_before_readers_see_them(tmp_path, ray_session):
+    """A part file a killed run left without its marker, for a unit this run does not plan, is no output."""
+    write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    run_pipeline(config(tmp_path), progress=False)
+    out = tmp_path / "out"
+    (out / "part-00007.parquet").write_bytes((out / "part-00000.parquet").read_bytes())  # no marker: not done
+    (out / "_attempts" / "00000.fake.json").write_text('{"attempts": 1}')  # a stray count of a done unit
+    assert run_pipeline(config(tmp_path), progress=False).units_skipped == 2
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert not list((out / "_attempts").iterdir())
+    assert pads.dataset(str(out), format="parquet").count_rows() == 4
