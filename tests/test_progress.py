@@ -99,6 +99,15 @@ def test_pipeline_writes_progress_json_and_log_lines(tmp_path, ray_session, caps
     lines = [parse_progress_line(line) for line in capsys.readouterr().err.splitlines()]
     final = [p for p in lines if p and p["event"] == "done"]
     assert len(final) == 1 and final[0]["rows"] == 6 and final[0]["done"] == 3
+    # A run killed after its last commit left `finished: false`; the rerun finds nothing to do and says it is done.
+    (tmp_path / "out" / PROGRESS_FILE).write_text(json.dumps(state | {"finished": False}))
+    rerun = run_pipeline(make_config(tmp_path / "in", tmp_path / "out"), progress=True)
+    assert (rerun.units_skipped, rerun.units_done) == (3, 0)
+    state = json.loads((tmp_path / "out" / PROGRESS_FILE).read_text())
+    assert state["finished"] and (state["done"], state["total"], state["rows"]) == (3, 3, 0)
+    lines = [parse_progress_line(line) for line in capsys.readouterr().err.splitlines()]
+    final = [p for p in lines if p and p["event"] == "done"]
+    assert len(final) == 1 and (final[0]["done"], final[0]["total"], final[0]["rows"]) == (3, 3, 0)
 
 
 def test_a_trainer_view_counts_samples_and_writes_lines_between_updates():
