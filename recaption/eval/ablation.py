@@ -5,8 +5,10 @@
    fake engine would give captions unrelated to the pixels, so the scenes' ground-truth long captions stand in for
    the captioner's answer. They go through the pipeline's own data path all the same: units planned and read with
    `recaption.shards` (`plan_units`/`read_unit`), images decoded and hashed as the read stage does, captions split
-   into sub-captions with `recaption.postprocess.split_sub_captions`, rows committed with `OutputDir.commit_unit`
-   under the pipeline's run metadata; the alt text is the scene's short caption. The trainer reads this output as it
+   into a caption struct by the caption stage's own `CaptionStage.caption_struct` (echo stripping, quality flags,
+   sub-captions), as if the fake engine had generated them, rows committed with `OutputDir.commit_unit` under the
+   pipeline's run metadata; the alt text is the scene's short caption. Scenes carry a written word by default
+   (`text=False`: the scene world without it). The trainer reads this output as it
    reads any `recaption run` output.
 2. Tiny models are trained on it (in this process, CPU) for four arms, each with `repeats` training seeds:
    - `short`: the short caption (alt text) only; no corner tokens.
@@ -58,7 +60,7 @@ EVAL_SEED = 1_000_000
 GROUND_TRUTH = "ground-truth"
 
 
-def write_train_split(root: Path, size: int, shard_size: int = 64) -> Path:
+def write_train_split(root: Path, size: int, shard_size: int = 64, text: bool = True) -> Path:
     """Scenes 0…size−1 as webdataset shards in `root/input`, their captions output in `root/output` (see module)."""
     from recaption.eval.synthetic import make_scene
     from recaption.shards.tar import write_webdataset
@@ -67,7 +69,7 @@ def write_train_split(root: Path, size: int, shard_size: int = 64) -> Path:
     long_captions = {}
     samples = []
     for i in range(size):
-        scene = make_scene(i, size=SCENE_SIZE)
+        scene = make_scene(i, size=SCENE_SIZE, text=text)
         key = f"{i:09d}"
         long_captions[key] = scene.long_caption
         samples.append({"key": key, "jpg": scene.jpeg(), "caption": scene.short_caption, "url": f"synthetic://{key}"})
@@ -77,13 +79,18 @@ def write_train_split(root: Path, size: int, shard_size: int = 64) -> Path:
 
 
 def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, str]) -> None:
-    """A pipeline output over `input_dir` whose one caption per image is `long_captions[key]` (prompt `detailed`)."""
+    """A pipeline output over `input_dir` whose one caption per image is `long_captions[key]` (prompt `detailed`).
+
+    Each text is a `Generation` of the `fake` engine handed to the caption stage's `caption_struct`, so the struct
+    is the one the pipeline writes: cleaned, flagged, split into sub-captions; `n_tokens` counts whitespace-separated
+    words, as the fake engine counts its tokens (the ground truth has no tokenizer)."""
     import pyarrow as pa
 
+    from recaption.captioning import CaptionStage
     from recaption.config import load_config
+    from recaption.engines.base import Generation
     from recaption.images import decode_image
     from recaption.pipeline import resolve_prompts, run_metadata
-    from recaption.postprocess import split_sub_captions
     from recaption.shards.plan import plan_units
     from recaption.shards.read import read_unit
     from recaption.writer import OUTPUT_SCHEMA, RUN_INFO, open_output, unit_stats
@@ -92,7 +99,11 @@ def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, 
     cfg = load_config(
         None, data={"input": {"path": str(input_dir)}, "output": {"path": str(output_dir)}, "models": [model]}
     )
-    run_meta = run_metadata(cfg, resolve_prompts(cfg))
+    prompt_texts = resolve_prompts(cfg)
+    run_meta = run_metadata(cfg, prompt_texts)
+    stage = CaptionStage(
+        cfg.models[0].model_dump(), prompt_texts, cfg.postprocess.model_dump(), cfg.output.path, cfg.images.model_dump()
+    )
     out = open_output(cfg.output.path)
     out.prepare()
     out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
@@ -101,35 +112,26 @@ def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, 
         for rec in read_unit(unit, cfg.input):
             img = decode_image(rec.image or b"", cfg.images)
             text = long_captions[rec.key]
-            caption = {
-                "model": cfg.models[0].id,
-                "prompt": "detailed",
-                "text": text,
-                "sub_captions": split_sub_captions(text, cfg.postprocess.min_sub_caption_chars),
-                "n_tokens": len(text.split()),
-                "finish_reason": "stop",
-                "flags": [],
-            }
-            rows.append(
-                {
-                    "key": rec.key, "source": rec.source or unit.source, "unit": unit.unit, "url": rec.url,
-                    "alt_text": rec.alt_text, "width": img.width, "height": img.height,
-                    "image_sha256": img.sha256, "status": "ok", "error": None, "captions": [caption],
-                }
-            )  # fmt: skip
+            row = {
+                "key": rec.key, "source": rec.source or unit.source, "unit": unit.unit, "url": rec.url,
+                "alt_text": rec.alt_text, "width": img.width, "height": img.height,
+                "image_sha256": img.sha256, "status": "ok", "error": None,
+            }  # fmt: skip
+            generation = Generation(text=text, n_tokens=len(text.split()), finish_reason="stop")
+            rows.append(row | {"captions": [stage.caption_struct(row, "detailed", generation)]})
         table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
         out.commit_unit(unit.unit, table, run_meta, unit_stats(table, time.time() - start, cfg.hash()), "zstd")
 
 
-def eval_sets(n_eval: int, max_objects: int = 4, size: int = SCENE_SIZE):
+def eval_sets(n_eval: int, max_objects: int = 4, size: int = SCENE_SIZE, text: bool = True):
     """The held-out long-text set (n_eval scenes) and the short-text set (first scene of each distinct short caption)."""
     import functools
 
     from recaption.eval.datasets import EvalSet
     from recaption.eval.synthetic import make_scene
 
-    scenes = [make_scene(EVAL_SEED + i, size=size, max_objects=max_objects) for i in range(n_eval)]
-    images = [functools.partial(_scene_image, EVAL_SEED + i, size, max_objects) for i in range(n_eval)]
+    scenes = [make_scene(EVAL_SEED + i, size=size, max_objects=max_objects, text=text) for i in range(n_eval)]
+    images = [functools.partial(_scene_image, EVAL_SEED + i, size, max_objects, text) for i in range(n_eval)]
     long_set = EvalSet("synthetic-long", images, [s.long_caption for s in scenes], list(range(n_eval)))
     seen: dict[str, int] = {}
     for i, scene in enumerate(scenes):
@@ -144,11 +146,11 @@ def eval_sets(n_eval: int, max_objects: int = 4, size: int = SCENE_SIZE):
     return long_set, short_set
 
 
-def _scene_image(seed: int, size: int, max_objects: int):
+def _scene_image(seed: int, size: int, max_objects: int, text: bool = True):
     """A held-out scene's image, drawn again when the eval needs it rather than kept."""
     from recaption.eval.synthetic import make_scene
 
-    return make_scene(seed, size=size, max_objects=max_objects).image
+    return make_scene(seed, size=size, max_objects=max_objects, text=text).image
 
 
 def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, batch_size: int) -> dict[str, Any]:
@@ -226,9 +228,10 @@ def run_ablation(
     eval_size: int | None = None,
     batch_size: int = 16,
     arms: list[str] | None = None,
+    text: bool = True,
 ) -> dict[str, Any]:
     """Build the data, train every arm `repeats` times (training seeds 0…repeats−1), measure, write the JSON and PNG,
-    print the table; returns the JSON's content."""
+    print the table; returns the JSON's content. `text=False`: scenes without a written word."""
     import logging
 
     out = Path(out)
@@ -240,8 +243,8 @@ def run_ablation(
     logging.getLogger("recaption").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     started = time.time()
-    data_path = write_train_split(out / "data", size)
-    long_set, short_set = eval_sets(eval_size)
+    data_path = write_train_split(out / "data", size, text=text)
+    long_set, short_set = eval_sets(eval_size, text=text)
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for seed in range(repeats):
         for arm in arms:
@@ -253,6 +256,7 @@ def run_ablation(
     payload = {
         "setup": {
             "train_scenes": size,
+            "scene_text": text,
             "eval_scenes_long": len(long_set.images),
             "eval_scenes_short": len(short_set.images),
             "steps": steps,
@@ -288,7 +292,8 @@ def format_ablation_table(payload: dict[str, Any]) -> str:
     width = max(len(v["label"]) for v in payload["arms"].values())
     setup = payload["setup"]
     lines = [
-        f"R@1 (%), mean ± std over {setup['repeats']} seed(s); {setup['train_scenes']} train scenes, "
+        f"R@1 (%), mean ± std over {setup['repeats']} seed(s); {setup['train_scenes']} train scenes"
+        f"{' with a written word' if setup.get('scene_text') else ''}, "
         f"{setup['steps']} steps × batch {setup['batch_size']}; held-out: {setup['eval_scenes_long']} scenes (long), "
         f"{setup['eval_scenes_short']} (short, one per distinct short caption)",
         " | ".join(["arm".ljust(width), *(h.rjust(13) for h in heads)]),

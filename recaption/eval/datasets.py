@@ -195,23 +195,26 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     return EvalSet(name or f"{data.get('dataset', Path(json_path).stem)}-{split}", images, texts, owner)
 
 
-def load_synthetic(n: int, seed: int = 1_000_000, text: str = "long", size: int = 96, name: str = "") -> EvalSet:
-    """Generated multi-object scenes (`recaption.eval.synthetic`) with their long (every object) or short (main
-    object) caption; scene i comes from seed + i, and its image is drawn again when needed, not kept."""
+def load_synthetic(
+    n: int, seed: int = 1_000_000, text: str = "long", size: int = 96, name: str = "", scene_text: bool = True
+) -> EvalSet:
+    """Generated multi-object scenes (`recaption.eval.synthetic`) with their long (every object, and the written
+    word) or short (main object) caption; scene i comes from seed + i, and its image is drawn again when needed, not
+    kept. `scene_text=False`: scenes without a written word (size 56 and up needs none)."""
     from recaption.eval.synthetic import make_scene
 
     if text not in ("long", "short"):
         raise ValueError(f"synthetic text must be long or short, not {text!r}")
-    scenes = [make_scene(seed + i, size=size) for i in range(n)]
+    scenes = [make_scene(seed + i, size=size, text=scene_text) for i in range(n)]
     texts = [s.long_caption if text == "long" else s.short_caption for s in scenes]
-    images: list[ImageRef] = [functools.partial(_scene_image, seed + i, size) for i in range(n)]
+    images: list[ImageRef] = [functools.partial(_scene_image, seed + i, size, scene_text) for i in range(n)]
     return EvalSet(name or f"synthetic-{text}", images, texts, list(range(n)))
 
 
-def _scene_image(seed: int, size: int) -> Image.Image:
+def _scene_image(seed: int, size: int, scene_text: bool = True) -> Image.Image:
     from recaption.eval.synthetic import make_scene
 
-    return make_scene(seed, size=size).image
+    return make_scene(seed, size=size, text=scene_text).image
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}

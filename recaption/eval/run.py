@@ -117,12 +117,13 @@ class SyntheticSet(_Set):
     size: int = Field(200, ge=1, description="number of generated scenes")
     seed: int = Field(1_000_000, description="scene i uses seed + i; keep clear of the training scenes' seeds")
     text: Literal["long", "short"] = "long"
-    image_size: int = Field(96, ge=8)
+    image_size: int = Field(96, ge=8, description="pixels; scenes with text need 56 or more")
+    scene_text: bool = Field(True, description="write a short word in each scene (its long caption says where)")
 
     def load(self) -> EvalSet:
         from recaption.eval.datasets import load_synthetic
 
-        return load_synthetic(self.size, self.seed, self.text, self.image_size, self.name or "")
+        return load_synthetic(self.size, self.seed, self.text, self.image_size, self.name or "", self.scene_text)
 
 
 class ImageFolderSet(_Set):

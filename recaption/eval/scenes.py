@@ -7,6 +7,10 @@ position) describes one object. Reading is tolerant of case, spacing, sentence o
 words, "gray"/"center" spellings; a last sentence without its full stop was cut off by the token limit and is not
 read. Described objects are matched to the truth by position; a description at an empty position, a second one at a
 taken position, or one without a position is extra.
+
+A scene made with text (`make_scene(..., text=True)`) also has a word written in a free cell. A sentence that
+mentions "written" or "word" states it: the word is the first quoted one (else the one after "word"), the position as
+for objects. The text is scored only where the truth or the caption has some: right when both word and position are.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ _VOCAB = {
 }
 _SPELLINGS = {"gray": "grey", "center": "centre", "color": "colour"}
 _SENTENCE_END = re.compile(r"[.!?]")
+_QUOTED = re.compile(r"[\"“”‘’']([^\"“”‘’']+)[\"“”‘’']")
+TEXT_KEYS = ("text_truth", "text_described", "text_correct", "text_word_correct")
 
 
 def _words(text: str) -> list[str]:
@@ -50,20 +56,39 @@ def complete_sentences(text: str) -> list[str]:
     return [p for p in parts[:-1] if p.strip()]
 
 
+def _parse_text(sentence: str, words: list[str]) -> dict[str, str]:
+    """{"word", "position"} (each only when stated) of a sentence about the written word."""
+    quoted = _QUOTED.search(sentence)
+    if quoted:
+        word = " ".join(quoted.group(1).lower().split())
+        rest = _words(sentence[: quoted.start()] + " " + sentence[quoted.end() :])
+    else:
+        after = words.index("word") + 1 if "word" in words else len(words)
+        word = words[after] if after < len(words) and words[after] not in ("is", "was", "written") else ""
+        rest = words
+    position = _find(rest, POSITIONS)
+    return {k: v for k, v in (("word", word), ("position", position)) if v}
+
+
 def parse_caption(text: str) -> dict[str, Any]:
-    """{"background": name or None, "objects": [{attribute: value, …}, …]} in the caption's order; an object has
-    only the attributes its sentence states. The first background sentence that names a background wins."""
+    """{"background": name or None, "objects": [{attribute: value, …}, …]} in the caption's order, plus "text"
+    {"word", "position"} when a sentence states a written word; an object has only the attributes its sentence
+    states. The first background sentence that names a background wins, and the first text sentence."""
     background = None
     objects = []
+    written: dict[str, str] | None = None
     for sentence in complete_sentences(text or ""):
         words = _words(sentence)
         if "background" in words:
             background = background or _find(words, BACKGROUNDS)
             continue
+        if "written" in words or "word" in words:
+            written = written if written is not None else _parse_text(sentence, words)
+            continue
         obj = {attr: value for attr, vocab in _VOCAB.items() if (value := _find(words, vocab)) is not None}
         if obj:
             objects.append(obj)
-    return {"background": background, "objects": objects}
+    return {"background": background, "objects": objects} | ({"text": written} if written is not None else {})
 
 
 def score_caption(text: str, truth: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +98,11 @@ def score_caption(text: str, truth: Mapping[str, Any]) -> dict[str, Any]:
     objects not matched: `hallucinated` ones at an empty or already described position, plus `unplaced` ones with
     no position), `attributes` {attribute: correct among matched}, `correct_objects` (matched with every attribute
     right), `background_correct`, `exact` (everything right, nothing extra). Rates: `recall`, `precision`,
-    `accuracy` {attribute: correct / matched}, `object_accuracy` (correct objects / truth objects)."""
+    `accuracy` {attribute: correct / matched}, `object_accuracy` (correct objects / truth objects).
+
+    Where the truth or the caption has text, also `text_truth` and `text_described` (0 or 1), `text_correct` (word
+    and position right), `text_word_correct` (word right, anywhere) and the rate `text_accuracy`; text stated where
+    the truth has none, or wrong text, makes the caption not `exact`."""
     parsed = parse_caption(text)
     truth_at = {o["position"]: o for o in truth["objects"]}
     matched: dict[str, dict[str, str]] = {}
@@ -102,6 +131,16 @@ def score_caption(text: str, truth: Mapping[str, Any]) -> dict[str, Any]:
         "background_correct": background_correct,
         "exact": background_correct and correct_objects == n_truth and n_described == n_truth,
     }
+    if "text" in truth or "text" in parsed:
+        true_text, said = truth.get("text"), parsed.get("text")
+        word_right = bool(true_text and said and said.get("word") == true_text["word"])
+        counts |= {
+            "text_truth": int(true_text is not None),
+            "text_described": int(said is not None),
+            "text_correct": int(word_right and said.get("position") == true_text["position"]),
+            "text_word_correct": int(word_right),
+        }
+        counts["exact"] = counts["exact"] and (said == true_text if true_text else said is None)
     return {**counts, **_rates(counts, captions=1)}
 
 
@@ -109,13 +148,16 @@ def _rates(c: Mapping[str, Any], captions: int) -> dict[str, Any]:
     def ratio(a: float, b: float) -> float:
         return a / b if b else 0.0
 
-    return {
+    rates = {
         "recall": ratio(c["matched"], c["truth_objects"]),
         "precision": ratio(c["matched"], c["described"]),
         "accuracy": {a: ratio(c["attributes"][a], c["matched"]) for a in ATTRIBUTES},
         "object_accuracy": ratio(c["correct_objects"], c["truth_objects"]),
         "extra_per_caption": ratio(c["extra"], captions),
     }
+    if "text_truth" in c:
+        rates["text_accuracy"] = ratio(c["text_correct"], c["text_truth"])
+    return rates
 
 
 def aggregate(scores: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -124,6 +166,8 @@ def aggregate(scores: list[Mapping[str, Any]]) -> dict[str, Any]:
     keys = ("truth_objects", "described", "matched", "extra", "hallucinated", "unplaced", "correct_objects")
     total: dict[str, Any] = {k: sum(s[k] for s in scores) for k in keys}
     total["attributes"] = {a: sum(s["attributes"][a] for s in scores) for a in ATTRIBUTES}
+    if any("text_truth" in s for s in scores):  # captions scored without text count 0 for it
+        total |= {k: sum(s.get(k, 0) for s in scores) for k in TEXT_KEYS}
     n = len(scores)
     total["background_correct"] = sum(bool(s["background_correct"]) for s in scores)
     total["exact"] = sum(bool(s["exact"]) for s in scores)
@@ -199,6 +243,15 @@ def format_scores(result: Mapping[str, Any]) -> str:
         f"objects fully right        {result['object_accuracy']:6.1%}  {result['correct_objects']} of "
         f"{result['truth_objects']}",
         f"background right           {result['background_accuracy']:6.1%}",
+        *(
+            [
+                f"text right                 {result['text_accuracy']:6.1%}  {result['text_correct']} of "
+                f"{result['text_truth']} (word right anywhere: {result['text_word_correct']}; "
+                f"{result['text_described']} stated)"
+            ]
+            if "text_accuracy" in result
+            else []
+        ),
         f"captions exactly right     {result['exact_rate']:6.1%}  {result['exact']} of {result['captions']}",
     ]
     return "\n".join(lines)

@@ -5,7 +5,9 @@ format `recaption.eval.scenes` parses back:
 
     The background is <background>. A <size> <texture> <colour> <shape> is at the <position>. ...
 
-one sentence per object, objects in reading order of their grid cell (top left … bottom right).
+one sentence per object, objects in reading order of their grid cell (top left … bottom right). A scene made with
+`text=True` also has a short word written small (PIL's built-in bitmap font) in a cell no object takes, and one more
+sentence at the end: `The word "<word>" is written at the <position>.`
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 import random
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -44,6 +46,10 @@ POSITIONS = {
 BACKGROUNDS = {"grey": (128, 128, 128), "beige": (225, 215, 190), "dark blue": (25, 30, 70)}
 POSITION_ORDER = {name: gy * 3 + gx for name, (gx, gy) in POSITIONS.items()}  # reading order of the cells
 MAX_OBJECTS = 6
+# Three-letter words (the bitmap font draws each 18×11 pixels, inside one cell from 56 pixels up) that are no
+# attribute of the scene vocabulary, so a caption's text sentence never reads as an object.
+WORDS = ("sun", "cat", "dog", "map", "key", "cup", "hat", "owl", "bee", "fox")
+MIN_TEXT_SIZE = 56
 
 
 @dataclass
@@ -68,10 +74,23 @@ class SceneObject:
 
 
 @dataclass
+class SceneText:
+    word: str
+    position: str
+
+    def sentence(self) -> str:
+        return f'The word "{self.word}" is written at the {self.position}.'
+
+    def to_dict(self) -> dict[str, str]:
+        return {"word": self.word, "position": self.position}
+
+
+@dataclass
 class Scene:
     objects: list[SceneObject]
     background: str
     image: Image.Image = field(repr=False)
+    text: SceneText | None = None
 
     @property
     def short_caption(self) -> str:
@@ -81,12 +100,15 @@ class Scene:
     @property
     def long_caption(self) -> str:
         ordered = sorted(self.objects, key=lambda o: POSITION_ORDER[o.position])
-        return " ".join([f"The background is {self.background}.", *(o.sentence() for o in ordered)])
+        text = [self.text.sentence()] if self.text else []
+        return " ".join([f"The background is {self.background}.", *(o.sentence() for o in ordered), *text])
 
     def truth(self) -> dict:
-        """The ground truth as plain data (JSON-able): background and objects in reading order."""
+        """The ground truth as plain data (JSON-able): background and objects in reading order, and `text`
+        {word, position} when the scene has text."""
         ordered = sorted(self.objects, key=lambda o: POSITION_ORDER[o.position])
-        return {"background": self.background, "objects": [o.to_dict() for o in ordered]}
+        truth = {"background": self.background, "objects": [o.to_dict() for o in ordered]}
+        return truth | ({"text": self.text.to_dict()} if self.text else {})
 
     def jpeg(self, quality: int = 90) -> bytes:
         buf = io.BytesIO()
@@ -94,12 +116,18 @@ class Scene:
         return buf.getvalue()
 
 
-def make_scene(seed: int, size: int = 96, min_objects: int = 1, max_objects: int = 4, textures: bool = True) -> Scene:
+def make_scene(
+    seed: int, size: int = 96, min_objects: int = 1, max_objects: int = 4, textures: bool = True, text: bool = False
+) -> Scene:
     """One deterministic scene: distinct positions, the first object drawn large so a main object exists.
 
-    `textures=False` draws every object solid (the scene world before textures existed)."""
+    `textures=False` draws every object solid (the scene world before textures existed). `text=True` adds a word
+    in a free cell; its random draws come after the objects', so the objects, background and every pixel outside
+    the word's box are those of the same seed without text."""
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+    if text and size < MIN_TEXT_SIZE:
+        raise ValueError(f"scenes with text need size >= {MIN_TEXT_SIZE} (the word must fit in its cell), got {size}")
     rng = random.Random(seed)
     n = rng.randint(min_objects, max_objects)
     background = rng.choice(sorted(BACKGROUNDS))
@@ -110,7 +138,13 @@ def make_scene(seed: int, size: int = 96, min_objects: int = 1, max_objects: int
         shape = rng.choice(SHAPES)
         texture = rng.choice(TEXTURES) if textures else "solid"
         objects.append(SceneObject(shape, colour, "large" if i == 0 else "small", pos, texture))
-    return Scene(objects, background, draw_scene(objects, background, size))
+    image = draw_scene(objects, background, size)
+    written = None
+    if text:
+        free = [p for p in sorted(POSITIONS) if p not in positions]  # at most 6 objects in 9 cells: never empty
+        written = SceneText(rng.choice(WORDS), rng.choice(free))
+        draw_text(image, written, background)
+    return Scene(objects, background, image, written)
 
 
 def draw_scene(objects: list[SceneObject], background: str, size: int) -> Image.Image:
@@ -134,6 +168,26 @@ def draw_scene(objects: list[SceneObject], background: str, size: int) -> Image.
         if obj.texture != "solid":
             img.paste(_contrast(fill), mask=_texture_mask(mask, obj.texture, size))
     return img
+
+
+def text_box(text: SceneText, size: int) -> tuple[int, int, int, int]:
+    """The pixel box (left, top, right, bottom; right and bottom exclusive) the word is drawn in: centred in its cell."""
+    left, top, right, bottom = _FONT.getbbox(text.word)
+    gx, gy = POSITIONS[text.position]
+    cell = size / 3
+    x = round((gx + 0.5) * cell - (right - left) / 2)
+    y = round((gy + 0.5) * cell - (bottom - top) / 2)
+    return x, y, x + right - left, y + bottom - top
+
+
+def draw_text(image: Image.Image, text: SceneText, background: str) -> None:
+    """Writes the word in place, in black or white, whichever stands out from the background."""
+    left, top, _, _ = _FONT.getbbox(text.word)
+    x, y, _, _ = text_box(text, image.width)
+    ImageDraw.Draw(image).text((x - left, y - top), text.word, fill=_contrast(BACKGROUNDS[background]), font=_FONT)
+
+
+_FONT = ImageFont.load_default_imagefont()  # the bitmap font inside Pillow: no font file, same pixels everywhere
 
 
 def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -38,8 +38,15 @@ def test_run_eval_end_to_end_on_a_tiny_clip(tiny_clip, tmp_path, capsys):
     config = {
         "model": {"path": str(tiny_clip)},
         "sets": [
-            {"format": "synthetic", "size": 6, "image_size": 48, "name": "syn-long"},
-            {"format": "synthetic", "size": 6, "image_size": 48, "text": "short", "name": "syn-short"},
+            {"format": "synthetic", "size": 6, "image_size": 60, "name": "syn-long"},
+            {
+                "format": "synthetic",
+                "size": 6,
+                "image_size": 48,
+                "text": "short",
+                "scene_text": False,
+                "name": "syn-short",
+            },
             {"format": "karpathy", "path": str(tmp_path / "dataset_flickr30k.json"), "images": str(tmp_path)},
             {"format": "image-folder", "path": str(tmp_path / "colours"), "templates": "simple7", "limit": 2},
         ],
@@ -143,7 +150,7 @@ def test_recaption_eval_command(tiny_clip, tmp_path, capsys):
 
     config = {
         "model": {"path": str(tiny_clip)},
-        "sets": [{"format": "synthetic", "size": 4, "image_size": 48, "name": "syn"}],
+        "sets": [{"format": "synthetic", "size": 4, "image_size": 60, "name": "syn"}],
         "output": str(tmp_path / "eval.json"),
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))

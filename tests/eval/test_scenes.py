@@ -215,3 +215,107 @@ def test_score_output_of_a_directory_that_is_no_output_says_so(tmp_path):
 
     with pytest.raises(InputError, match="no part-\\*.parquet files"):
         score_output(str(tmp_path), {"a": TRUTH})
+
+
+# Scenes with a written word (`make_scene(..., text=True)`).
+WORD = 'The word "owl" is written at the bottom left.'
+TEXT_TRUTH = {**TRUTH, "text": {"word": "owl", "position": "bottom left"}}
+# sha256 of the pixels, captions and truth of four default scenes, computed from the scene code before text existed:
+# the trained scene captioner and the demo depend on the default scene world staying byte-identical.
+DEFAULT_SCENES_SHA256 = "260777e22aa7ea45c844857c6f0591315744b88dd609e0c6f90ef0ac85f159db"
+
+
+def test_default_scenes_are_unchanged_by_the_text_option():
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for seed, size, max_objects in [(0, 64, 4), (1, 96, 6), (7, 64, 4), (1_000_000, 64, 4)]:
+        scene = make_scene(seed, size=size, max_objects=max_objects)
+        assert scene.text is None and "text" not in scene.truth() and "word" not in scene.long_caption
+        h.update(scene.image.tobytes())
+        h.update(scene.long_caption.encode())
+        h.update(scene.short_caption.encode())
+        h.update(json.dumps(scene.truth(), sort_keys=True).encode())
+    assert h.hexdigest() == DEFAULT_SCENES_SHA256
+
+
+@pytest.mark.parametrize("seed", [3, 11, 1_000_002])
+def test_text_scene_is_deterministic_and_differs_from_its_plain_scene_only_in_the_word_box(seed):
+    import numpy as np
+
+    from recaption.eval.synthetic import WORDS, text_box
+
+    plain, written = make_scene(seed, size=64, max_objects=6), make_scene(seed, size=64, max_objects=6, text=True)
+    again = make_scene(seed, size=64, max_objects=6, text=True)
+    assert written.image.tobytes() == again.image.tobytes() and written.long_caption == again.long_caption
+    assert written.objects == plain.objects and written.background == plain.background
+    assert written.text.word in WORDS and written.text.position not in {o.position for o in plain.objects}
+    diff = (np.asarray(plain.image, dtype=int) != np.asarray(written.image, dtype=int)).any(axis=-1)
+    left, top, right, bottom = text_box(written.text, 64)
+    inside = np.zeros_like(diff)
+    inside[top:bottom, left:right] = True
+    assert diff[inside].sum() >= 15  # the word's strokes are drawn
+    assert not diff[~inside].any()  # and nothing else changed
+    assert written.long_caption == f'{plain.long_caption} The word "{written.text.word}" is written at the ' + (
+        f"{written.text.position}."
+    )
+    assert written.truth() == {**plain.truth(), "text": written.text.to_dict()}
+    assert written.short_caption == plain.short_caption
+
+
+def test_text_scene_needs_room_for_the_word():
+    with pytest.raises(ValueError, match="size >= 56"):
+        make_scene(0, size=48, text=True)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_generated_text_scene_long_caption_scores_perfect(seed):
+    scene = make_scene(seed, max_objects=6, text=True)
+    s = score_caption(scene.long_caption, scene.truth())
+    assert s["exact"] and s["object_accuracy"] == 1.0 and s["text_accuracy"] == 1.0
+    assert (s["text_truth"], s["text_described"], s["text_correct"]) == (1, 1, 1)
+
+
+def test_parse_reads_the_written_word_and_scoring_checks_word_and_place():
+    assert parse_caption(f"{CANONICAL} {WORD}") == {
+        "background": "grey",
+        "objects": TRUTH["objects"],
+        "text": {"word": "owl", "position": "bottom left"},
+    }
+    assert parse_caption("It says the word cat at the Top.")["text"] == {"word": "cat", "position": "top"}
+    perfect = score_caption(f"{CANONICAL} {WORD}", TEXT_TRUTH)
+    assert perfect["exact"] and perfect["text_accuracy"] == 1.0 and perfect["extra"] == 0
+    wrong_place = score_caption(f"{CANONICAL} {WORD.replace('bottom left', 'top')}", TEXT_TRUTH)
+    assert (wrong_place["text_correct"], wrong_place["text_word_correct"]) == (0, 1) and not wrong_place["exact"]
+    assert wrong_place["object_accuracy"] == 1.0  # the text sentence is no object, wherever it says the word is
+    wrong_word = score_caption(f"{CANONICAL} {WORD.replace('owl', 'cat')}", TEXT_TRUTH)
+    assert (wrong_word["text_correct"], wrong_word["text_word_correct"]) == (0, 0) and not wrong_word["exact"]
+    unsaid = score_caption(CANONICAL, TEXT_TRUTH)
+    assert (unsaid["text_described"], unsaid["text_accuracy"], unsaid["exact"]) == (0, 0.0, False)
+    # Text stated where the truth has none: not exact; a caption and truth without text score as before.
+    invented = score_caption(f"{CANONICAL} {WORD}", TRUTH)
+    assert invented["text_truth"] == 0 and invented["text_described"] == 1 and not invented["exact"]
+    assert "text_truth" not in score_caption(CANONICAL, TRUTH) and "text" not in parse_caption(CANONICAL)
+
+
+def test_aggregate_and_table_count_text_only_where_some_caption_has_it():
+    scores = [
+        score_caption(f"{CANONICAL} {WORD}", TEXT_TRUTH),
+        score_caption(CANONICAL, TEXT_TRUTH),
+        score_caption(CANONICAL, TRUTH),  # no text on either side: counts 0 for text
+    ]
+    agg = aggregate(scores)
+    assert (agg["text_truth"], agg["text_described"], agg["text_correct"]) == (2, 1, 1)
+    assert agg["text_accuracy"] == 0.5 and agg["exact"] == 2
+    assert "text right                  50.0%  1 of 2" in format_scores(agg)
+    assert "text_accuracy" not in aggregate(scores[2:]) and "text right" not in format_scores(aggregate(scores[2:]))
+
+
+def test_score_output_of_text_scenes_through_the_pipeline_path(tmp_path):
+    scenes = {f"{i:09d}": make_scene(i, size=64, text=True) for i in range(6)}
+    samples = [{"key": k, "jpg": s.jpeg(), "caption": s.short_caption} for k, s in scenes.items()]
+    write_webdataset(str(tmp_path / "input"), samples, shard_size=4)
+    commit_captions(tmp_path / "input", tmp_path / "output", {k: s.long_caption for k, s in scenes.items()})
+    result = score_output(str(tmp_path / "output"), {k: s.truth() for k, s in scenes.items()})
+    assert result["exact_rate"] == result["text_accuracy"] == 1.0 and result["text_truth"] == 6
