@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from recaption.errors import ConfigError  # noqa: E402
 from recaption.prompts import PROMPT_FORMATS, builtin_prompts, format_prompt, get_prompt, prompt_names  # noqa: E402
 
-NAMES = ["background", "detailed", "objects", "short", "spatial", "style", "text"]
+NAMES = ["background", "detailed", "objects", "sharecaptioner", "short", "spatial", "style", "text"]
 
 
 def test_builtin_prompts_are_all_there_and_non_empty():
@@ -19,6 +19,8 @@ def test_builtin_prompts_are_all_there_and_non_empty():
     assert all(get_prompt(n) for n in NAMES)
     assert "detail" in get_prompt("detailed").lower()
     assert "\n" not in get_prompt("detailed")  # folded YAML: one line, as the model sees it
+    # ShareGPT4V's Share-Captioner instruction, verbatim (share-cap_batch_infer.py in InternLM-XComposer)
+    assert get_prompt("sharecaptioner") == "Analyze the image in a comprehensive and detailed manner."
 
 
 def test_extra_prompts_override_and_add():
