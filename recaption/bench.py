@@ -590,19 +590,16 @@ def bare_vllm(cfg_dict: dict) -> tuple[float, int, int]:
     cfg = PipelineConfig.model_validate(cfg_dict)
     model = cfg.models[0]
     os.environ.update(model.env)  # what the pipeline sets in its actors (e.g. the CPU build's KV cache size)
-    import vllm
-
-    from recaption.engines.vllm import _load_processor, engine_args, sampling_params
+    from recaption.engines.vllm import load_engine, sampling_params
     from recaption.images import decode_image
     from recaption.models import resolve_model
-    from recaption.prompts import PROMPT_FORMATS, format_prompt, get_prompt
+    from recaption.prompts import format_prompt, get_prompt
     from recaption.shards.plan import plan_units
     from recaption.shards.read import read_unit
 
     info = resolve_model(model.path, model.family, model.revision)
-    processor = _load_processor(model, info.path) if PROMPT_FORMATS.get(info.family) is None else None
+    llm, processor = load_engine(model, info)  # the engine a caption actor starts: same arguments, same processor
     prompt = format_prompt(info.family, get_prompt(model.prompts[0], cfg.prompts), processor)
-    llm = vllm.LLM(**engine_args(model, info.path))
     gen = model.generation or cfg.generation
     start = time.perf_counter()
     images = tokens = 0

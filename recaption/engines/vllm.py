@@ -84,23 +84,13 @@ class VLLMCaptioner:
     """Captions with one `vllm.LLM` engine; a request that fails fails only its own Generations."""
 
     def __init__(self, model: ModelConfig) -> None:
-        if not vllm_installed():
+        if not vllm_installed():  # before resolving the model, which may download or build it
             raise EngineError("engine vllm needs vLLM: pip install 'recaption[vllm]' (GPU) or use engine: hf")
-        import vllm
-
         self.model_id = model.id
         self.gen = model.generation or GenerationConfig()
         self.info = resolve_model(model.path, model.family, model.revision)
         self.args = engine_args(model, self.info.path)
-        self.processor = None
-        if PROMPT_FORMATS.get(self.info.family, None) is None:  # the checkpoint's own chat template formats prompts
-            self.processor = _load_processor(model, self.info.path)
-        try:
-            self.llm = vllm.LLM(**self.args)
-        except Exception as e:
-            raise EngineError(
-                f"vLLM cannot load {self.info.path} (family {self.info.family}): {type(e).__name__}: {e}"
-            ) from e
+        self.llm, self.processor = load_engine(model, self.info)
         self._formatted: dict[str, str] = {}
 
     def caption(
@@ -187,21 +177,44 @@ class VLLMCaptioner:
             return e
 
 
+def load_engine(model: ModelConfig, info: ModelInfo) -> tuple[Any, Any | None]:
+    """The `vllm.LLM` of a model config (its checkpoint resolved as `info`) and the processor whose chat template
+    formats its prompts (None where the family has a built-in format). The caption actors and `recaption bench`'s
+    bare loop both start engines here, so this module stays the only one that imports vllm."""
+    if not vllm_installed():
+        raise EngineError("engine vllm needs vLLM: pip install 'recaption[vllm]' (GPU) or use engine: hf")
+    import vllm
+
+    processor = None
+    if PROMPT_FORMATS.get(info.family, None) is None:  # the checkpoint's own chat template formats prompts
+        processor = _load_processor(model, info.path)
+    try:
+        llm = vllm.LLM(**engine_args(model, info.path))
+    except Exception as e:
+        raise EngineError(f"vLLM cannot load {info.path} (family {info.family}): {type(e).__name__}: {e}") from e
+    return llm, processor
+
+
 def sampling_params(gen: GenerationConfig, index: int) -> Any:
     """vLLM sampling parameters of request `index` of a call."""
     from vllm import SamplingParams
 
-    return SamplingParams(
-        n=gen.n,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        max_tokens=gen.max_new_tokens,
-        repetition_penalty=gen.repetition_penalty,
-        stop=list(gen.stop) or None,
+    return SamplingParams(**sampling_kwargs(gen, index))
+
+
+def sampling_kwargs(gen: GenerationConfig, index: int) -> dict[str, Any]:
+    """The `vllm.SamplingParams` arguments of request `index` of a call."""
+    return {
+        "n": gen.n,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "max_tokens": gen.max_new_tokens,
+        "repetition_penalty": gen.repetition_penalty,
+        "stop": list(gen.stop) or None,
         # Seeded per request, so its draws do not depend on what it was batched with; vLLM seeds the n samples of a
         # request seed, seed+1, …, hence the stride. Greedy decoding needs no seed.
-        seed=gen.seed + index * gen.n if gen.temperature > 0 else None,
-    )
+        "seed": gen.seed + index * gen.n if gen.temperature > 0 else None,
+    }
 
 
 def _generations(output: Any, n: int) -> list[Generation]:

@@ -17,8 +17,9 @@ from PIL import Image
 import recaption.engines.hf as hf_engine
 import recaption.engines.vllm as vllm_engine
 from recaption.config import GenerationConfig, ModelConfig, VLLMOptions, load_config
-from recaption.engines.vllm import check_vllm_model, engine_args
+from recaption.engines.vllm import check_vllm_model, engine_args, sampling_kwargs
 from recaption.errors import ConfigError
+from recaption.models import REGISTRY, ModelInfo
 from recaption.tiny import ensure_tiny
 from tests.data import make_image, write_webdataset_dir
 
@@ -253,7 +254,16 @@ def test_engine_arguments_come_from_the_model_config():
         dtype="bfloat16",
         revision="abc",
         generation=GenerationConfig(seed=5),
-        vllm=VLLMOptions(max_model_len=2048, max_num_seqs=64, quantization="awq", extra={"swap_space": 0}),
+        vllm=VLLMOptions(
+            max_model_len=2048,
+            max_num_seqs=64,
+            quantization="awq",
+            download_dir="/models/cache",
+            limit_mm_per_prompt={"image": 2},
+            enforce_eager=True,
+            gpu_memory_utilization=0.45,
+            extra={"swap_space": 0},
+        ),
     )
     args = engine_args(model, "/ckpt")
     assert args == {
@@ -262,20 +272,126 @@ def test_engine_arguments_come_from_the_model_config():
         "trust_remote_code": False,
         "revision": "abc",
         "tensor_parallel_size": 1,
-        "gpu_memory_utilization": 0.9,
-        "enforce_eager": False,
-        "limit_mm_per_prompt": {"image": 1},
+        "gpu_memory_utilization": 0.45,
+        "enforce_eager": True,
+        "limit_mm_per_prompt": {"image": 2},
         "seed": 5,  # generation.seed unless vllm.seed is set
         "max_model_len": 2048,
         "max_num_seqs": 64,
         "quantization": "awq",
+        "download_dir": "/models/cache",
         "swap_space": 0,
     }
+    # A registry name brings its revision to the engine (and its context length), as to the hf engine's loaders.
+    registry = engine_args(ModelConfig(path="llava-1.5-7b"), "llava-hf/llava-1.5-7b-hf")
+    assert (registry["revision"], registry["max_model_len"]) == (REGISTRY["llava-1.5-7b"]["revision"], 4096)
     spanning = ModelConfig(path="m", engine="vllm", vllm=VLLMOptions(tensor_parallel_size=4, seed=1))
     args = engine_args(spanning, "/ckpt")
     # Inside an actor that holds the 4 GPUs: worker processes, not a nested Ray placement group.
     assert args["distributed_executor_backend"] == "mp" and args["tensor_parallel_size"] == 4 and args["seed"] == 1
     assert args["dtype"] == "auto" and "max_model_len" not in args and "download_dir" not in args
+
+
+def test_sampling_arguments_come_from_the_generation_config():
+    greedy = GenerationConfig(max_new_tokens=77, repetition_penalty=1.3, stop=["\n\n"], seed=4)
+    assert sampling_kwargs(greedy, 5) == {
+        "n": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 77,
+        "repetition_penalty": 1.3,
+        "stop": ["\n\n"],
+        "seed": None,  # greedy: nothing to seed
+    }
+    sampled = GenerationConfig(max_new_tokens=9, temperature=0.7, top_p=0.9, n=3, seed=10)
+    # Request i's n samples are seeded seed + i*n, …: its draws do not depend on its neighbours in the call.
+    assert [sampling_kwargs(sampled, i)["seed"] for i in range(3)] == [10, 13, 16]
+    assert sampling_kwargs(sampled, 0) | {"seed": 0} == {
+        "n": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 9,
+        "repetition_penalty": 1.0,
+        "stop": None,
+        "seed": 0,
+    }
+    if HAVE_VLLM:  # vLLM accepts them as they are
+        from vllm import SamplingParams
+
+        params = vllm_engine.sampling_params(greedy, 0)
+        assert isinstance(params, SamplingParams)
+        assert (params.max_tokens, params.repetition_penalty, params.stop) == (77, 1.3, ["\n\n"])
+
+
+class FakeLLM:
+    """Stands in for `vllm.LLM`: records each generate call and answers every request with one completion."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[dict], list[dict]]] = []
+
+    def generate(self, requests, params, use_tqdm=True):
+        from types import SimpleNamespace
+
+        self.calls.append((requests, params))
+        return [
+            SimpleNamespace(outputs=[SimpleNamespace(text=f" caption {i} ", token_ids=[7, 8, 2], finish_reason="stop")])
+            for i in range(len(requests))
+        ]
+
+
+def test_a_unit_is_one_generate_call_with_every_image_and_prompt(tmp_path, monkeypatch):
+    """The caption stage hands a unit's ok images × the model's prompts to the engine at once, and the vLLM engine
+    submits them in one `llm.generate` call (continuous batching then keeps the GPU full), image-major."""
+    import pyarrow as pa
+
+    from recaption.captioning import CaptionStage
+    from recaption.stages import PAYLOAD_SCHEMA
+
+    llm = FakeLLM()
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    monkeypatch.setattr(
+        vllm_engine, "resolve_model", lambda *a: ModelInfo("/ckpt", "llava", ["LlavaForConditionalGeneration"])
+    )
+    monkeypatch.setattr(vllm_engine, "load_engine", lambda model, info: (llm, None))
+    monkeypatch.setattr(vllm_engine, "sampling_params", sampling_kwargs)  # plain dicts: no vllm needed
+    texts = {"detailed": "Describe it in detail.", "short": "Say it short."}
+    model = {"path": "m", "name": "m", "engine": "vllm", "num_gpus": 0, "prompts": ["detailed", "short"]}
+    model["generation"] = {"max_new_tokens": 12, "repetition_penalty": 1.1}
+    stage = CaptionStage(model, texts, {}, str(tmp_path / "out"))
+    rows = [
+        {"key": f"k{i}", "source": "s.tar", "unit": "u", "url": None, "alt_text": None, "width": None,
+         "height": None, "image_sha256": None, "status": "ok", "error": None, "captions": [],
+         "image": make_image(i) if i != 2 else b"not an image"}
+        for i in range(4)
+    ]  # fmt: skip
+    table = stage.caption_unit("u", pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))
+    assert len(llm.calls) == 1
+    requests, params = llm.calls[0]
+    assert [r["prompt"] for r in requests] == [f"USER: <image>\n{texts[p]} ASSISTANT:" for _ in range(3) for p in texts]
+    assert all(r["multi_modal_data"]["image"].mode == "RGB" for r in requests)
+    assert [(p["max_tokens"], p["repetition_penalty"]) for p in params] == [(12, 1.1)] * 6
+    out = table.to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok", "failed", "ok"]  # the undecodable image never reached vLLM
+    captions = [c for r in out for c in r["captions"]]
+    assert [(c["prompt"], c["prompt_text"], c["text"]) for c in captions] == [
+        (p, texts[p], f"caption {i}") for i, p in enumerate(["detailed", "short"] * 3)
+    ]
+    assert all(c["n_tokens"] == 3 and c["finish_reason"] == "stop" for c in captions)
+
+
+def test_vllm_is_imported_by_the_vllm_engine_only():
+    """recaption/engines/vllm.py is the one module that imports vllm (bench's bare loop starts engines through it)."""
+    import ast
+
+    root = Path(vllm_engine.__file__).resolve().parents[1]
+    importers = set()
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "vllm" or n.startswith("vllm.") for n in names):
+                importers.add(file.relative_to(root).as_posix())
+    assert importers == {"engines/vllm.py"}
 
 
 @vllm_test
