@@ -71,3 +71,44 @@ def test_actor_options():
     assert opts["compute"].min_size == opts["compute"].max_size == 2
     cpu = actor_options(ModelConfig(path="m", engine="hf", num_cpus=0.25), NODES)
     assert cpu["num_gpus"] == 0.0 and cpu["num_cpus"] == 0.25 and "runtime_env" not in cpu
+
+
+class _PlanRecorder:
+    """Stands in for a Ray Dataset: records each `map_batches` call of the plan `build_dataset` builds."""
+
+    def __init__(self):
+        self.calls: list[tuple[object, dict]] = []
+
+    def map_batches(self, fn, **kwargs):
+        self.calls.append((fn, kwargs))
+        return self
+
+
+def test_build_dataset_gives_each_caption_pool_its_placement(monkeypatch):
+    """The pipeline's caption stages run with exactly what placement computed: GPUs, CPUs, pool, accelerator, env."""
+    import ray.data
+
+    from recaption.captioning import CaptionStage
+    from recaption.config import load_config
+    from recaption.pipeline import build_dataset
+
+    plan = _PlanRecorder()
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: plan)
+    data = {
+        "input": {"path": "in"},
+        "output": {"path": "out"},
+        "models": [
+            {"path": "instructblip-vicuna-7b", "concurrency": 2, "accelerator_type": "A100", "num_cpus": 4},
+            {"path": "m", "name": "half", "engine": "vllm", "num_gpus": 0.5, "vllm": {"gpu_memory_utilization": 0.4}},
+        ],
+    }
+    cfg = load_config(None, data=data)
+    placements = [actor_options(m, NODES) for m in cfg.models]
+    build_dataset(cfg, [], {"detailed": "d"}, {}, placements)
+    stages = [kw for fn, kw in plan.calls if fn is CaptionStage]
+    assert len(stages) == 2
+    for kw, placement in zip(stages, placements, strict=True):
+        assert {k: kw[k] for k in placement} == placement
+    assert (stages[0]["num_gpus"], stages[0]["num_cpus"], stages[0]["accelerator_type"]) == (1, 4, "A100")
+    assert stages[0]["compute"].max_size == 2 and stages[1]["num_gpus"] == 0.5
+    assert stages[0]["fn_constructor_kwargs"]["model_cfg"]["num_gpus"] == 1  # the registry's GPU reaches the actor
