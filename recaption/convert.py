@@ -63,7 +63,8 @@ def convert_sharegpt4v(
 ) -> Path:
     """Writes `src` (ShareGPT4V's checkpoint) plus its CLIP tower to `dst` as a llava-hf checkpoint; returns `dst`.
 
-    The tower comes from `vision_tower` or, when it is a local directory, the source config's `mm_vision_tower`.
+    The tower comes from `vision_tower` or the source config's `mm_vision_tower`: a local directory, or a Hub repo id
+    found in the Hugging Face cache (`hf download` it first; nothing is downloaded here).
     Tensors stream one source shard at a time; `dst` appears only once it is complete."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     source = _read_source_config(src)
@@ -123,11 +124,25 @@ def _find_vision_tower(src: Path, source: dict[str, Any], given: str | os.PathLi
     for tower in (Path(named).expanduser(), src / named):  # the original code accepts any existing path
         if (tower / "config.json").is_file():
             return tower
+    cached = _cached_snapshot(named)
+    if cached is not None and (cached / "config.json").is_file():
+        return cached
     raise ConfigError(
-        f"{src}/config.json names the vision tower {named!r}, which is not a local directory; ShareGPT4V released its "
-        f"fine-tuned CLIP tower separately: download it (`hf download {named} --local-dir DIR`) and pass "
-        "--vision-tower DIR"
+        f"{src}/config.json names the vision tower {named!r}, which is neither a local directory nor in the Hugging "
+        f"Face cache; ShareGPT4V released its fine-tuned CLIP tower separately: download it (`hf download {named}`) "
+        "and run again, or pass --vision-tower DIR"
     )
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The HF-cache snapshot of a Hub repo id (its `main`), never downloading; None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):  # not cached, or not a repo id at all
+        return None
 
 
 def _tokenizer(src: Path) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,201 +17,36 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from recaption import convert  # noqa: E402
 from recaption.config import GenerationConfig, ModelConfig  # noqa: E402
 from recaption.convert import convert_sharegpt4v  # noqa: E402
 from recaption.engines.hf import HFCaptioner  # noqa: E402
 from recaption.errors import ConfigError  # noqa: E402
-from recaption.tiny import HEADS, LAYERS, PATCH_SIZE, WIDTH, _train_tokenizer, build_tiny  # noqa: E402
-
-SIDE = 32  # tower input size: 16 patches of 8 px, so 16 image tokens
-IMAGE_TOKENS = (SIDE // PATCH_SIZE) ** 2
-HUB_TOWER = "Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12"
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
+from recaption.tiny import WIDTH, build_tiny  # noqa: E402
+from tests.sharegpt4v_fixture import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    HUB_TOWER,
+    IMAGE_TOKENS,
+    PROMPT,
+    SIDE,
+    _share4v_config,
+    build_original,
+    square_image,
+    write_share4v,
+    write_tokenizer,
+)
 
 
 class _NotATensor:
     """Pickled into a .bin to prove the converter never unpickles arbitrary objects."""
 
 
-def _llama_config(vocab_size: int) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-
-
-def _share4v_config(vocab_size: int, tower: str) -> dict:
-    """Lin-Chen/ShareGPT4V-7B's config.json, every key as released, with tiny sizes."""
-    return {
-        "_name_or_path": "ShareGPT4V-7B",
-        "architectures": ["Share4VLlamaForCausalLM"],
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "freeze_mm_mlp_adapter": False,
-        "hidden_act": "silu",
-        "hidden_size": WIDTH,
-        "image_aspect_ratio": "pad",
-        "image_grid_pinpoints": None,
-        "initializer_range": 0.02,
-        "intermediate_size": 2 * WIDTH,
-        "max_position_embeddings": 1024,
-        "mm_hidden_size": WIDTH,
-        "mm_projector_lr": None,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": tower,
-        "model_type": "share4v",
-        "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS,
-        "num_key_value_heads": HEADS,
-        "pad_token_id": 0,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.31.0",
-        "tune_entire_model": False,
-        "tune_mm_mlp_adapter": False,
-        "tune_vision_tower": False,
-        "use_cache": True,
-        "use_mm_proj": True,
-        "vision_tower_lr": None,
-        "vocab_size": vocab_size,
-    }
-
-
-def write_tower(out: Path, seed: int = 1) -> transformers.CLIPVisionModel:
-    """A CLIP tower directory as Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12 has it (transformers 4.31:
-    `vision_model.*` names, a position_ids buffer, pytorch_model.bin, a CLIPFeatureExtractor-era preprocessor)."""
-    torch.manual_seed(seed)
-    config = transformers.CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=SIDE,
-        patch_size=PATCH_SIZE,
-        projection_dim=WIDTH,
-    )
-    tower = transformers.CLIPVisionModel(config).eval()
-    out.mkdir(parents=True)
-    config.save_pretrained(out)
-    state = {"vision_model." + k: v for k, v in tower.state_dict().items()}
-    state["vision_model.embeddings.position_ids"] = torch.arange((SIDE // PATCH_SIZE) ** 2 + 1)[None]
-    torch.save(state, out / "pytorch_model.bin")
-    preprocessor = {
-        "crop_size": {"height": SIDE, "width": SIDE},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor",
-        "image_mean": CLIP_MEAN,
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": CLIP_STD,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": SIDE},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    return tower
-
-
-def write_tokenizer(out: Path) -> int:
-    """A Llama-style tokenizer (<unk> <s> </s> = 0 1 2, pad = <unk>) with no <image>; returns its size."""
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(["<unk>", "<s>", "</s>"]),
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        model_max_length=1024,
-    )
-    tokenizer.save_pretrained(out)
-    return len(tokenizer)
-
-
-def write_share4v(out: Path, vocab_size: int, tower: str, fmt: str = "bin", seed: int = 0) -> dict:
-    """Two weight shards with ShareGPT4V's names (LM, rotary inv_freq buffers, `model.mm_projector.0/2`), the
-    projector in the second shard as in the release; returns the original tensors by name."""
-    torch.manual_seed(seed)
-    lm = transformers.LlamaForCausalLM(_llama_config(vocab_size))
-    mlp = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.GELU(), torch.nn.Linear(WIDTH, WIDTH))
-    state = dict(lm.state_dict())
-    for i in range(LAYERS):
-        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1 / 10000 ** (torch.arange(0, 32, 2) / 32)
-    state.update({f"model.mm_projector.{k}": v for k, v in mlp.state_dict().items()})
-    first = {k: v for k, v in state.items() if k.startswith(("model.embed_tokens.", "model.layers.0."))}
-    shards = [first, {k: v for k, v in state.items() if k not in first}]
-    out.mkdir(parents=True, exist_ok=True)
-    names = [
-        f"pytorch_model-{i:05d}-of-00002.bin" if fmt == "bin" else f"model-{i:05d}-of-00002.safetensors" for i in (1, 2)
-    ]
-    for name, shard in zip(names, shards, strict=True):
-        if fmt == "bin":
-            torch.save(shard, out / name)
-        else:
-            save_file({k: v.contiguous() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
-    index = {
-        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-        "weight_map": {k: names[i] for i, shard in enumerate(shards) for k in shard},
-    }
-    index_name = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
-    (out / index_name).write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(_share4v_config(vocab_size, tower), indent=2))
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.31.0"}
-    (out / "generation_config.json").write_text(json.dumps(generation))
-    return state
-
-
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """The source checkpoint (mm_vision_tower naming the local tower directory) and its reference modules."""
-    root = tmp_path_factory.mktemp("share4v")
-    tower = write_tower(root / "tower")
-    vocab = write_tokenizer(root / "ShareGPT4V-7B")
-    state = write_share4v(root / "ShareGPT4V-7B", vocab, str(root / "tower"))
-    lm = transformers.LlamaForCausalLM(_llama_config(vocab)).eval()
-    lm.load_state_dict(
-        {
-            k: v
-            for k, v in state.items()
-            if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head")) and not k.endswith("inv_freq")
-        }
-    )
-    mlp = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.GELU(), torch.nn.Linear(WIDTH, WIDTH)).eval()
-    mlp.load_state_dict({k.removeprefix("model.mm_projector."): v for k, v in state.items() if "mm_projector" in k})
-    tower_state = torch.load(root / "tower" / "pytorch_model.bin", weights_only=True)
-    return {
-        "root": root,
-        "src": root / "ShareGPT4V-7B",
-        "tower_dir": root / "tower",
-        "vocab": vocab,
-        "state": state,
-        "tower_state": tower_state,
-        "lm": lm,
-        "mlp": mlp,
-        "tower": tower,
-    }
+    return build_original(tmp_path_factory.mktemp("share4v"))
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +80,6 @@ def hub_name(key: str) -> str | None:
     if key.startswith("vision_model."):
         return "vision_tower." + key
     return "language_model." + key
-
-
-def square_image() -> Image.Image:
-    # Square, so the original code's pad-to-square step changes nothing; 48 px, so resizing is exercised.
-    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def test_transformers_loads_it_with_no_missing_or_unexpected_keys(converted):
@@ -373,15 +203,77 @@ def test_reads_one_source_shard_at_a_time_and_safetensors_sources(original, tmp_
         )
 
 
-def test_a_hub_tower_name_without_vision_tower_is_a_config_error(original, tmp_path):
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty offline Hugging Face cache; `add(repo_id, directory)` puts a snapshot of `directory` in it, laid out
+    as huggingface_hub writes one (refs/main → snapshots/COMMIT/files)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, directory: Path) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        snapshot = repo / "snapshots" / COMMIT
+        shutil.copytree(directory, snapshot)
+        return snapshot
+
+    return add
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_hub_tower_name_is_read_from_the_hf_cache(original, tmp_path, hf_cache):
     src = tmp_path / "src"
     write_tokenizer(src)
     write_share4v(src, original["vocab"], HUB_TOWER)
-    with pytest.raises(ConfigError, match="--vision-tower"):
+    hf_cache(HUB_TOWER, original["tower_dir"])
+    out = convert_sharegpt4v(src, tmp_path / "out")
+    tensors = read_checkpoint_single(out)
+    assert torch.equal(
+        tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"],
+        original["tower_state"]["vision_model.embeddings.patch_embedding.weight"],
+    )
+
+
+def test_a_hub_tower_name_neither_local_nor_cached_is_a_config_error(original, tmp_path, hf_cache):
+    src = tmp_path / "src"
+    write_tokenizer(src)
+    write_share4v(src, original["vocab"], HUB_TOWER)
+    with pytest.raises(ConfigError) as e:
         convert_sharegpt4v(src, tmp_path / "out")
+    assert "\n" not in str(e.value) and "--vision-tower DIR" in str(e.value)
+    assert f"hf download {HUB_TOWER}" in str(e.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="not a CLIP checkpoint"):
         convert_sharegpt4v(src, tmp_path / "out", vision_tower=tmp_path)
+
+
+def test_cli_converts_and_the_result_is_a_model_path(original, tmp_path, hf_cache, capsys):
+    """`recaption convert sharegpt4v SRC DST` with the tower found in the cache, then DST as a model's path."""
+    from recaption.cli import main
+    from recaption.models import resolve_model
+
+    src = tmp_path / "src"
+    write_tokenizer(src)
+    write_share4v(src, original["vocab"], HUB_TOWER, fmt="safetensors")
+    hf_cache(HUB_TOWER, original["tower_dir"])
+    assert main(["convert", "sharegpt4v", str(src), str(tmp_path / "dst")]) == 0
+    assert f"converted to {tmp_path / 'dst'}" in capsys.readouterr().out
+    info = resolve_model(str(tmp_path / "dst"))
+    assert (info.family, info.architectures) == ("llava", ["LlavaForConditionalGeneration"])
+    assert main(["convert", "sharegpt4v", str(src), str(tmp_path / "dst")]) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def read_checkpoint_single(directory: Path) -> dict[str, torch.Tensor]:
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
 def test_bin_shards_are_loaded_weights_only(original, tmp_path):
