@@ -149,8 +149,13 @@ def export_webdataset(
 
 
 def tar_key(key: str) -> str:
-    """A key safe as a webdataset member stem (which ends at the first dot): reversible percent-encoding."""
-    return quote(key, safe="/-_#").replace(".", "%2E").lstrip("/") or "_"
+    """A key safe as a webdataset member stem (which ends at the first dot): reversible percent-encoding
+    (`urllib.parse.unquote` gives the key back), so distinct keys never share a sample. A `/` stays a folder in the
+    tar only between non-empty parts; a key with a leading, trailing or doubled `/` has every `/` encoded."""
+    if not key:
+        raise RecaptionError("a row has an empty key; a webdataset sample needs a name")
+    stem = quote(key, safe="/-_#").replace(".", "%2E")
+    return stem.replace("/", "%2F") if "" in stem.split("/") else stem
 
 
 def tar_image(data: bytes, row: dict, image_cfg: ImageConfig) -> tuple[str, bytes]:
@@ -170,8 +175,8 @@ def hf_features():
     from datasets import Features, Image, Value
 
     text, number = Value("string"), Value("int32")
-    caption = {"model": text, "prompt": text, "text": text, "sub_captions": [text], "n_tokens": number,
-               "finish_reason": text, "flags": [text]}  # fmt: skip
+    caption = {"model": text, "prompt": text, "prompt_text": text, "text": text, "sub_captions": [text],
+               "n_tokens": number, "finish_reason": text, "flags": [text]}  # fmt: skip
     columns = {k: number if k in ("width", "height") else text for k in FIELDS}
     return Features({"image": Image(), **columns, "caption": text, "captions": [caption]})
 
@@ -184,7 +189,9 @@ def export_hf(
     import datasets
     import pyarrow.compute as pc
 
-    dest_path = Path(dest)
+    if "://" in dest and not dest.startswith("file://"):
+        raise ConfigError(f"--to hf writes a local directory, not {dest}: export to a local path, then push_to_hub")
+    dest_path = Path(dest.removeprefix("file://"))
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     cache = tempfile.mkdtemp(prefix=f".{dest_path.name}-cache-", dir=dest_path.parent)
     kwargs = {"output": out.root, "fs": out.fs, "include_failed": include_failed, "caption": caption}

@@ -98,7 +98,13 @@ def png_bytes(data: bytes, image_cfg: ImageConfig) -> bytes:
 
 
 def safe_name(key: str) -> str:
-    return _UNSAFE.sub("_", key)[:150] or "image"
+    """A file name stem for a key: the key itself when it is safe, else its safe characters (`_` for the others,
+    at most 150) and a short hash of the key, so keys that differ only in unsafe characters (`a/b`, `a_b`) or
+    beyond 150 characters never share a file."""
+    safe = _UNSAFE.sub("_", key)
+    if safe == key and 0 < len(key) <= 150 and not key.startswith("."):
+        return key
+    return f"{safe[:150].lstrip('.') or 'image'}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def select_rows(out: OutputDir, keys: Iterable[str] = (), sample: int = 0, seed: int = 0) -> list[dict]:

@@ -124,8 +124,29 @@ def test_jsonl_holds_every_row_and_caption(captioned, tmp_path, name):
 
 
 def test_tar_keys_keep_webdataset_grouping():
+    from urllib.parse import unquote
+
     assert tar_key("000000042") == "000000042" and tar_key("dir/cat.1") == "dir/cat%2E1"
-    assert tar_key("data.parquet/12") == "data%2Eparquet/12" and tar_key("/abs") == "abs"
+    assert tar_key("data.parquet/12") == "data%2Eparquet/12" and tar_key("k4#dup1") == "k4#dup1"
+    # Distinct keys, distinct samples: the encoding is reversible, and a `/` that would make an empty path part
+    # (leading, trailing, doubled) is encoded with every other `/` of the key.
+    keys = ["abs", "/abs", "//abs", "a/b", "a//b", "a/b/", "a_b", "a%2Fb", "a.b", "a%2Eb", "_", "x y"]
+    stems = [tar_key(k) for k in keys]
+    assert len(set(stems)) == len(keys) and [unquote(s) for s in stems] == keys
+    assert tar_key("/abs") == "%2Fabs" and tar_key("a//b") == "a%2F%2Fb"
+    assert all("." not in s and "" not in s.split("/") for s in stems)
+    with pytest.raises(RecaptionError, match="empty key"):
+        tar_key("")
+
+
+def test_hf_export_refuses_a_remote_destination(captioned, tmp_path, monkeypatch):
+    root, _ = captioned
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--to hf writes a local directory, not s3://bucket/ds"):
+        export_output(str(root / "out"), "hf", "s3://bucket/ds")
+    assert not (tmp_path / "s3:").exists()
+    summary = export_output(str(root / "out"), "hf", f"file://{tmp_path / 'local'}")
+    assert summary["rows"] == 6 and (tmp_path / "local" / "dataset_info.json").exists()
 
 
 def test_export_refuses_an_unknown_caption_choice_and_a_changed_source(captioned, tmp_path):

@@ -80,3 +80,13 @@ def test_unknown_key_fails_and_a_moved_input_is_found_with_input_path(output, tm
         inspect_output(str(root / "out"), keys=["k1"], stream=io.StringIO())
     saved = inspect_output(str(root / "out"), keys=["k1"], input_path=str(tmp_path / "moved"), stream=io.StringIO())
     assert [p.rsplit("/", 1)[1] for p in saved] == ["k1.png"]
+
+
+def test_safe_names_never_collide():
+    from recaption.inspect import safe_name
+
+    keys = ["a/b", "a_b", "a b", "a\\b", "x" * 151, "x" * 150 + "y", "", ".hidden", "k4#dup1", "k4_dup1"]
+    names = [safe_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert safe_name("a_b") == "a_b" and safe_name("k0.1-x") == "k0.1-x"  # a safe key is its own name
+    assert all(len(n) <= 163 and not n.startswith(".") and "/" not in n for n in names)

@@ -137,8 +137,8 @@ def load_iiw(
     """One ImageInWords subset (IIW-400, DCI_Test, DOCCI_Test), as LoTLIP reads it.
 
     On disk: `data.jsonl`, one JSON object per line with the description under `text_key` ("IIW"; DOCCI_Test
-    also has "DOCCI") and the image name under "image" or "image/key"; ".jpg" is appended when the name has
-    none. Images are `image_dir/<name>.jpg` (LoTLIP copies them to iiw_root/{docci_aar,dci,docci}). LoTLIP's IIW
+    also has "DOCCI") and the image name under "image" or "image/key"; ".jpg" is appended when the name has no
+    image suffix (.jpg, .png, …). Images are `image_dir/<name>.jpg` (LoTLIP copies them to iiw_root/{docci_aar,dci,docci}). LoTLIP's IIW
     number is the three subsets as one set: list three paths in the eval config.
     """
     images, texts = [], []
@@ -149,9 +149,12 @@ def load_iiw(
             row = json.loads(line)
             key = row["image"] if "image" in row else row["image/key"]
             caption = row[text_key]
+            if not isinstance(key, str) or not isinstance(caption, str):
+                raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"{jsonl_path}:{i + 1}: expected JSON with {text_key!r} and image or image/key") from None
-        images.append(Path(image_dir) / (key if ".jpg" in key else f"{key}.jpg"))
+        has_suffix = Path(key).suffix.lower() in IMAGE_SUFFIXES
+        images.append(Path(image_dir) / (key if has_suffix else f"{key}.jpg"))
         texts.append(long_caption(caption) if normalize else caption.strip())
     return _one_text_each(name or f"iiw-{Path(jsonl_path).parent.name}", images, texts)
 
@@ -181,13 +184,19 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     `image_root/<filepath>/<filename>`, or `image_root/<filename>` when there is no filepath.
     """
     data = _read_json(json_path)
-    rows = [r for r in data.get("images", []) if r.get("split") == split]
+    rows = [(i, r) for i, r in enumerate(data.get("images", [])) if r.get("split") == split]
     if not rows:
         raise InputError(f"{json_path}: no images with split {split!r}")
     images: list[ImageRef] = []
     texts, owner = [], []
-    for r in rows:
-        for s in r["sentences"]:
+    for i, r in rows:
+        entry = f"{json_path}: images[{i}] ({r.get('filename', 'no filename')})"
+        sentences = r.get("sentences")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+            raise InputError(f"{entry} has no 'sentences' list of {{'raw': caption}} objects")
+        if "filename" not in r:
+            raise InputError(f"{entry} has no 'filename'")
+        for s in sentences:
             texts.append(s["raw"].strip())
             owner.append(len(images))
         images.append(Path(image_root) / r.get("filepath", "") / r["filename"])
@@ -200,7 +209,7 @@ def load_synthetic(
 ) -> EvalSet:
     """Generated multi-object scenes (`recaption.eval.synthetic`) with their long (every object, and the written
     word) or short (main object) caption; scene i comes from seed + i, and its image is drawn again when needed, not
-    kept. `scene_text=False`: scenes without a written word (size 56 and up needs none)."""
+    kept. `scene_text=False`: scenes without a written word (a word needs `size` 56 or more)."""
     from recaption.eval.synthetic import make_scene
 
     if text not in ("long", "short"):

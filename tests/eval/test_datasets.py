@@ -113,6 +113,19 @@ def test_iiw(tmp_path):
         load_iiw(tmp_path / "broken.jsonl", tmp_path / "imgs")
 
 
+def test_iiw_appends_jpg_only_to_a_name_without_an_image_suffix(tmp_path):
+    # The suffix decides, not ".jpg" anywhere in the name: a PNG keeps its name, "x.jpg_2" is no .jpg file.
+    rows = [{"IIW": "A.", "image": "photo.PNG"}, {"IIW": "B.", "image": "shot.jpg_2"}, {"IIW": "C.", "image": "d.jpeg"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("photo.PNG", "shot.jpg_2.jpg", "d.jpeg"):
+        jpg(tmp_path / "imgs" / name)
+    s = load_iiw(tmp_path / "data.jsonl", tmp_path / "imgs")
+    assert [p.name for p in s.images] == ["photo.PNG", "shot.jpg_2.jpg", "d.jpeg"]
+    (tmp_path / "bad.jsonl").write_text('{"IIW": "x", "image": 7}\n')
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        load_iiw(tmp_path / "bad.jsonl", tmp_path / "imgs")
+
+
 def test_urban1k(tmp_path):
     for stem, caption in [("2", "Second street.\nignored line"), ("1", "A busy road. Cars.")]:
         jpg(tmp_path / "Urban1k" / "image" / f"{stem}.jpg")
@@ -156,6 +169,24 @@ def test_karpathy_coco_and_flickr(tmp_path):
     (tmp_path / "flickr" / "1.jpg").unlink()
     with pytest.raises(InputError, match="1 of 1 image files are missing"):
         load_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "flickr")
+
+
+def test_karpathy_entry_without_sentences_or_filename_is_named(tmp_path):
+    images = [
+        {"filename": "ok.jpg", "split": "test", "sentences": [{"raw": "fine"}]},
+        {"filename": "bare.jpg", "split": "test"},
+    ]
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(InputError, match=r"images\[1\] \(bare\.jpg\) has no 'sentences'"):
+        load_karpathy(tmp_path / "k.json", tmp_path)
+    images[1] = {"split": "test", "sentences": [{"raw": "x"}]}
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(InputError, match=r"images\[1\] \(no filename\) has no 'filename'"):
+        load_karpathy(tmp_path / "k.json", tmp_path)
+    images[1] = {"filename": "s.jpg", "split": "test", "sentences": [{"tokens": ["x"]}]}
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(InputError, match=r"images\[1\] \(s\.jpg\) has no 'sentences' list"):
+        load_karpathy(tmp_path / "k.json", tmp_path)
 
 
 def test_synthetic_head_concat_and_open(tmp_path):
