@@ -15,6 +15,7 @@ from recaption.pipeline import run_pipeline
 from recaption.writer import OUTPUT_SCHEMA, read_run_metadata
 from tests.data import (
     img2dataset_download,
+    make_image,
     write_hf_dataset,
     write_image_folder,
     write_parquet_dataset,
@@ -104,6 +105,24 @@ def test_hf_dataset_saved_to_disk(tmp_path, ray_session):
     check_contract(tmp_path / "out", keys, n_captions=2)
 
 
+def test_parquet_written_by_datasets_to_parquet(tmp_path, ray_session):
+    """A 🤗 dataset with an Image feature exported with `Dataset.to_parquet`: image structs, its own key column."""
+    import datasets
+
+    ids = [f"img-{i:03d}" for i in range(5)]
+    data = {
+        "image": [{"bytes": make_image(i), "path": None} for i in range(5)],
+        "text": [f"caption {i}" for i in range(5)],
+    }
+    ds = datasets.Dataset.from_dict({**data, "key": ids}).cast_column("image", datasets.Image())
+    (tmp_path / "in").mkdir()
+    ds.to_parquet(str(tmp_path / "in" / "train.parquet"))
+    run_pipeline(make_config(tmp_path / "in", tmp_path / "out"), progress=False)
+    rows = check_contract(tmp_path / "out", ids, n_captions=2).to_pylist()
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["key"]: r["alt_text"] for r in rows} == {k: f"caption {i}" for i, k in enumerate(ids)}
+
+
 def test_image_folder(tmp_path, ray_session):
     keys = write_image_folder(tmp_path / "in", 7)
     cfg = make_config(tmp_path / "in", tmp_path / "out", input={"path": str(tmp_path / "in"), "unit_size": 3})
@@ -191,3 +210,85 @@ def test_several_samples_per_prompt_keep_model_and_prompt_order(tmp_path, ray_se
         assert row["captions"][2]["text"] != row["captions"][3]["text"]
     meta = read_run_metadata(str(next((tmp_path / "out").glob("part-*.parquet"))))
     assert set(meta["prompts"]) == {"short", "objects", "style"} and meta["prompts"]["style"].startswith("Describe")
+
+
+@pytest.mark.parametrize(
+    ("config_address", "env_address", "expected"),
+    [
+        (None, None, None),
+        (None, "10.0.0.5:6379", "10.0.0.5:6379"),
+        ("ray://head:10001", "10.0.0.5:6379", "ray://head:10001"),
+    ],
+)
+def test_init_ray_joins_the_configured_or_environment_address(monkeypatch, config_address, env_address, expected):
+    """The address `ray.init` gets: `ray.address`, else RAY_ADDRESS, else none (a local Ray of `ray.num_cpus`)."""
+    import ray
+
+    from recaption.pipeline import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    if env_address:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(make_config("in", "out", ray={"address": config_address, "num_cpus": 2}))
+    assert len(calls) == 1 and calls[0].get("address") == expected
+    assert ("num_cpus" in calls[0]) == (expected is None)  # a cluster's size is the cluster's, not the config's
+
+
+@pytest.mark.slow  # ~70 s on 2 shared cores (a second Ray); the address logic is tested above without one
+def test_recaption_run_joins_a_separate_ray_through_ray_address(tmp_path):
+    """`recaption run` with RAY_ADDRESS set joins that cluster (here a `ray start --head` of its own, in its own
+    temp dir) instead of starting a local Ray: the driver's log lands in that cluster's session."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from tests.test_resume import kill_session
+
+    keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    config = tmp_path / "p.yaml"
+    models = [{"path": "fake", "engine": "fake", "num_cpus": 0.25}]
+    config.write_text(
+        yaml.safe_dump(
+            {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": models}
+        )
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="rc-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    bin_dir = Path(sys.executable).parent
+    # No token: a test cluster on loopback; `ray start` turns token authentication on by default.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+         "--temp-dir", ray_tmp, "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        started = []
+        for line in head.stdout:
+            started.append(line)
+            if "Ray runtime started" in line:
+                break
+        assert any("Ray runtime started" in line for line in started), "".join(started)[-3000:]
+        run = subprocess.run(
+            [str(bin_dir / "recaption"), "run", str(config), "--no-progress"],
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "rows:     4 (4 ok, 0 failed, 0 skipped)" in run.stdout
+        assert list(Path(ray_tmp).glob("session_latest/logs/python-core-driver-*"))  # the run was this cluster's
+    finally:
+        kill_session(head)  # the head, its GCS, raylet and workers: nothing else of this machine's Ray
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    table = check_contract(tmp_path / "out", keys, n_captions=1)
+    assert set(table.column("status").to_pylist()) == {"ok"}
