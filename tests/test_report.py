@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -166,12 +167,17 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     shot = tmp_path / "shot.png"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600"]  # fmt: skip
+             f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,4000"]  # fmt: skip
     page = (tmp_path / "out" / "_report" / "index.html").as_uri()
     subprocess.run([str(CHROMIUM), *flags, page], check=True, capture_output=True, timeout=120)
     with Image.open(io.BytesIO(shot.read_bytes())) as im:
-        grey = im.convert("L")
-        assert grey.size == (1200, 1600)
-        dark = sum(grey.histogram()[:200])
-    assert dark > 0.01 * 1200 * 1600, "the screenshot is (nearly) blank"
+        rgb = np.asarray(im.convert("RGB"), dtype=int)
+    assert rgb.shape == (4000, 1200, 3)
+    dark = (rgb.mean(axis=-1) < 200).sum()
+    assert dark > 0.01 * 1200 * 4000, "the screenshot is (nearly) blank"
+    # The plots' own colours, which no text or table of the page has, prove the PNGs were decoded and drawn:
+    # the bars (#4c72b0) and the first histogram series (matplotlib's C0, #1f77b4).
+    for colour in ((0x4C, 0x72, 0xB0), (0x1F, 0x77, 0xB4)):
+        near = (np.abs(rgb - np.array(colour)).max(axis=-1) <= 12).sum()
+        assert near > 2000, f"too few plot pixels of colour {colour}: {near}"
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
