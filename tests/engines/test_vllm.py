@@ -399,13 +399,59 @@ def test_blip2_through_vllm_in_the_ray_job(tmp_path, ray_session):
     from recaption.pipeline import run_pipeline
     from tests.test_pipeline import check_contract
 
+    """BLIP-2 on vLLM through the Ray job, and the same job on the hf engine: the same captions (greedy, float32)."""
     keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=4)
-    overrides = [f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}"]
-    overrides += ["models.0.path=tiny-blip2", "models.0.name=tiny-blip2", "models.0.prompts=[short]"]
-    summary = run_pipeline(load_config(DEMO_VLLM, overrides), progress=False)
-    assert summary.ok == 4 and not summary.unit_errors
-    rows = check_contract(tmp_path / "out", keys, n_captions=1).to_pylist()
-    assert all(r["captions"][0]["model"] == "tiny-blip2" and r["captions"][0]["n_tokens"] > 0 for r in rows)
+    model = ["models.0.path=tiny-blip2", "models.0.name=tiny-blip2", "models.0.prompts=[short]"]
+    captions = {}
+    for engine in ("vllm", "hf"):
+        out = tmp_path / engine
+        overrides = [f"input.path={tmp_path / 'in'}", f"output.path={out}", *model, f"models.0.engine={engine}"]
+        summary = run_pipeline(load_config(DEMO_VLLM, overrides), progress=False)
+        assert summary.ok == 4 and not summary.unit_errors
+        rows = check_contract(out, keys, n_captions=1).to_pylist()
+        assert all(r["captions"][0]["model"] == "tiny-blip2" and r["captions"][0]["n_tokens"] > 0 for r in rows)
+        captions[engine] = {r["key"]: r["captions"][0] for r in rows}
+    for key, by_vllm in captions["vllm"].items():
+        by_hf = captions["hf"][key]
+        assert (by_vllm["prompt_text"], by_vllm["n_tokens"]) == (by_hf["prompt_text"], by_hf["n_tokens"]), key
+        assert by_vllm["text"].rstrip("\ufffd") == by_hf["text"].rstrip("\ufffd"), key
+
+
+@vllm_test
+def test_converted_sharegpt4v_captions_alike_on_both_engines(tmp_path, token_spy, monkeypatch):
+    """A tiny checkpoint laid out like ShareGPT4V's release, converted (`recaption convert sharegpt4v`), loads in vLLM
+    and captions with the same first tokens as the hf engine: the conversion gives vLLM what it needs too."""
+    from recaption.convert import convert_sharegpt4v
+    from tests.sharegpt4v_fixture import build_original, square_image
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    original = build_original(tmp_path / "share4v")
+    converted = convert_sharegpt4v(original["src"], tmp_path / "converted")
+
+    def config(engine: str) -> ModelConfig:
+        return ModelConfig(
+            path=str(converted),
+            engine=engine,
+            dtype="float32",
+            device="cpu",
+            batch_size=8,
+            generation=GenerationConfig(max_new_tokens=MAX_NEW),
+            vllm=VLLMOptions(enforce_eager=True, max_model_len=256),
+        )
+
+    images, prompts = requests(6)
+    images[0] = images[1] = square_image()
+    by_vllm = vllm_engine.VLLMCaptioner(config("vllm")).caption(images, prompts)
+    by_hf = hf_engine.HFCaptioner(config("hf")).caption(images, prompts)
+    assert all(g.error is None for g in by_vllm + by_hf)
+    v_tokens, h_tokens = token_spy["vllm"], token_spy["hf"]
+    assert len(v_tokens) == len(h_tokens) == len(images) == 12
+    for i, (v, h) in enumerate(zip(v_tokens, h_tokens, strict=True)):
+        assert v[:FIRST_TOKENS] == h[:FIRST_TOKENS], f"request {i}: {v} vs {h}"
+    identical = sum(v == h for v, h in zip(v_tokens, h_tokens, strict=True))
+    print(f"converted sharegpt4v: {identical}/{len(images)} requests identical over {MAX_NEW} new tokens")
+    assert identical >= MIN_IDENTICAL * len(images)
 
 
 # The trained scene captioner (recaption/assets/scene-llava) on held-out scenes: its logits are far from tied, so
