@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,16 +57,57 @@ def test_empty_input_exits_2(tmp_path, capsys):
     (tmp_path / "in" / "notes.md").write_text("no images here")
     assert main(["run", str(write_config(tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "in" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"error: no usable input at {tmp_path / 'in'}: looked for ")
+    assert err[0].endswith("found 1 files notes.md")
 
 
-def test_bad_override_and_missing_model_exit_2(tmp_path, capsys):
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_override_wrong_type_and_missing_model_exit_2(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     config = write_config(tmp_path)
     assert main(["run", str(config), "--set", "models.0.batch_size=-1"]) == 2
-    assert "models.0.batch_size" in capsys.readouterr().err
+    assert one_error_line(capsys) == f"error: {config}: models.0.batch_size: Input should be greater than 0 (got -1)"
+    assert main(["run", str(config), "--set", "models.0.batch_size=many"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {config}: models.0.batch_size: Input should be a valid integer") and "many" in line
     assert main(["run", str(config), "--set", "models.0.engine=hf", "--set", f"models.0.path={tmp_path}/nope"]) == 2
-    assert f"{tmp_path}/nope" in capsys.readouterr().err
+    assert one_error_line(capsys).startswith(f"error: model path not found: {tmp_path}/nope;")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a directory whatever its mode")
+def test_unreadable_input_exits_2(tmp_path, capsys):
+    from tests.data import write_webdataset_dir
+
+    write_webdataset_dir(tmp_path / "in", 2, shard_size=2)
+    (tmp_path / "in").chmod(0)
+    try:
+        assert main(["run", str(write_config(tmp_path))]) == 2
+        assert str(tmp_path / "in") in one_error_line(capsys)
+    finally:
+        (tmp_path / "in").chmod(0o755)
+
+
+def test_rerun_with_another_config_needs_overwrite(tmp_path, capsys, ray_session):
+    from tests.data import write_webdataset_dir
+
+    keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    config = str(write_config(tmp_path))
+    assert main(["run", config, "--no-progress"]) == 0
+    changed = ["--set", "generation.max_new_tokens=99", "--no-progress"]
+    capsys.readouterr()
+    assert main(["run", config, *changed]) == 2
+    line = one_error_line(capsys)
+    assert "another config (changed: generation.max_new_tokens, models.0.generation.max_new_tokens)" in line
+    assert "--overwrite" in line
+    assert main(["run", config, *changed, "--overwrite"]) == 0
+    assert "units:    2 run, 0 already done" in capsys.readouterr().out
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("key").to_pylist()) == keys
 
 
 def test_tiny_model_command(tmp_path, capsys):
