@@ -15,7 +15,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 pytestmark = [pytest.mark.gpu, gpu]
 # bf16 keeps 8 bits of mantissa: its next-token logits stay close to float32's without being equal. bf16 on a CPU gave
 # a cosine of 0.99997 (min over 16 requests, each tiny family); no GPU was there to measure CUDA's bf16 kernels, so the
-# bound leaves them room while a wrong cast (or half a model left in float32) still falls below it.
+# bound leaves them room while a broken bf16 path (weights or pixel values cast wrongly) falls far below it.
 MIN_LOGIT_COSINE = 0.999
 
 
