@@ -69,3 +69,13 @@ def test_bigger_ablation_runs_with_several_seeds(tmp_path):
     payload = run_ablation(tmp_path, size=200, repeats=2, steps=60)
     for arm in payload["arms"].values():
         assert len(arm["runs"]) == 2 and arm["summary"]["long/cls/t2i@1"]["std"] >= 0.0
+
+
+def test_no_text_flag_reaches_the_ablation(monkeypatch, tmp_path):
+    import recaption.eval.ablation as ablation
+
+    calls = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda out, **kw: calls.append(kw))
+    assert main(["eval", "synthetic", "--size", "8", "--out", str(tmp_path)]) == 0
+    assert main(["eval", "synthetic", "--size", "8", "--no-text", "--out", str(tmp_path)]) == 0
+    assert [c["text"] for c in calls] == [True, False] and calls[0]["size"] == 8
