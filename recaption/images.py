@@ -48,7 +48,7 @@ def _open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:
     if w * h > cfg.max_pixels:
         raise ImageError(f"decompression bomb: {w}x{h} = {w * h:.3g} pixels > max_pixels {cfg.max_pixels}")
     if min(w, h) < cfg.min_side:
-        raise ImageError(f"image too small: {w}x{h}, a side is below images.min_side {cfg.min_side}")
+        raise ImageError(f"image too small: {w}x{h}, a side is below min_side {cfg.min_side} (images.min_side)")
     return im
 
 

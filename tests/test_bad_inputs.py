@@ -52,7 +52,7 @@ def check_corpus(rows: dict[str, dict]) -> None:
         else:
             assert row["status"] == "failed" and expected_error in row["error"], row
             assert row["captions"] == [] and row["width"] is None
-    assert "a side is below images.min_side 8" in rows["one-pixel"]["error"]
+    assert "image too small: 1x1, a side is below min_side 8 (images.min_side)" in rows["one-pixel"]["error"]
     # Animated images are captioned from their first frame (red), not a later one (green).
     for key in ("animated-gif", "animated-webp"):
         text = rows[key]["captions"][0]["text"]

@@ -24,7 +24,10 @@ def write_config(tmp_path: Path) -> Path:
     cfg = {
         "input": {"path": str(tmp_path / "in")},
         "output": {"path": str(tmp_path / "out")},
-        "models": [{"path": "fake", "engine": "fake", "prompts": ["short"], "fake": {"delay_s": 0.15}}],
+        # One attempt per unit: a kill of the whole run is no engine crash and must not use it up.
+        "models": [
+            {"path": "fake", "engine": "fake", "prompts": ["short"], "fake": {"delay_s": 0.15}, "max_unit_attempts": 1}
+        ],
         "ray": {"num_cpus": 2},
     }
     path = tmp_path / "pipeline.yaml"
@@ -62,6 +65,15 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def run_until_killed(config: Path, fault: str, log: Path) -> None:
+    proc = start(config, fault, log)
+    try:
+        proc.wait(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    finally:
+        kill_session(proc)
+
+
 def output_keys(out: Path) -> list[str]:
     """What a reader sees: every visible file must be a whole Parquet file."""
     if not list(out.glob("part-*.parquet")):
@@ -83,6 +95,9 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
             assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         kill_session(proc)
+    if fault == "caption:start":  # killed while captioning more often than max_unit_attempts allows an engine
+        assert list((out / "_attempts").iterdir()), "the kill should have left an attempt count behind"
+        run_until_killed(config, fault, log)
 
     seen = output_keys(out)  # readable as it is: no partial file visible
     assert len(seen) == len(set(seen)) and len(seen) < N_IMAGES
@@ -100,5 +115,12 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
         kill_session(rerun)
     final = output_keys(out)
     assert sorted(final) == sorted(keys) and len(final) == len(set(final))
+    statuses = pads.dataset(str(out), format="parquet").to_table(columns=["status"]).column("status").to_pylist()
+    assert set(statuses) == {"ok"}, log.read_text()[-3000:]  # no kill was counted as an engine crash
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
-    assert len(list((out / "_done").glob("*.json"))) == N_IMAGES // SHARD_SIZE
+    markers = {p.stem for p in (out / "_done").iterdir()}
+    parts = {p.name.removeprefix("part-").removesuffix(".parquet") for p in out.glob("part-*.parquet")}
+    assert len(markers) == N_IMAGES // SHARD_SIZE and parts == markers
+    assert not (out / "_attempts").exists() or not list((out / "_attempts").iterdir())
+    bookkeeping = {p.name for p in out.iterdir() if not p.name.startswith("part-")}
+    assert bookkeeping <= {"_done", "_attempts", "_run.json", "_progress.json"}, bookkeeping
