@@ -3,7 +3,8 @@
 Faults, from the smallest to the largest: a generation that fails alone is an `error` caption; an engine call
 that raises is retried image by image so only the images that raise fail; an engine that kills its process is
 restarted by Ray and the unit retried, up to `max_unit_attempts` (counted in the output dir, so the count survives
-the crash), after which the unit's rows are committed as failed.
+the crash, and tagged with the run's id: a killed driver or Ctrl-C is no engine crash, so only the attempts of the
+current run count), after which the unit's rows are committed as failed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.engines.base import Generation
+from recaption.errors import EngineError
 from recaption.faults import fault_point
 from recaption.postprocess import clean_caption
 from recaption.stages import describe, from_ipc, rows_table, unit_row
@@ -41,6 +43,7 @@ class CaptionStage:
         output_path: str,
         image_cfg: dict | None = None,
         keep_images: bool = True,
+        run_id: str | None = None,
     ):
         from recaption.engines.base import build_captioner
         from recaption.writer import open_output
@@ -51,6 +54,7 @@ class CaptionStage:
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.keep_images = keep_images
+        self.run_id = run_id
         self.decode_threads = max(1, math.floor(self.model.num_cpus))
         self.pool: ThreadPoolExecutor | None = None
         self.out = open_output(output_path)
@@ -180,6 +184,11 @@ class CaptionStage:
                 return [describe(e)]
             return [result for im in images for result in self.generate([im])]  # find the ones that raise
         per_image = len(names) * self.n
+        if len(gens) != len(images) * per_image:  # an engine bug: captions would land on the wrong images
+            raise EngineError(
+                f"model {self.model.id}: the engine returned {len(gens)} generations for {len(images)} images × "
+                f"{len(names)} prompts × n={self.n} (expected {len(images) * per_image})"
+            )
         return [gens[i * per_image : (i + 1) * per_image] for i in range(len(images))]
 
     def caption_struct(self, row: dict, prompt: str, gen: Generation) -> dict:
@@ -192,6 +201,7 @@ class CaptionStage:
         raw = {
             "model": self.model.id,
             "prompt": prompt,
+            "prompt_text": self.prompt_texts[prompt],
             "text": gen.text,
             "sub_captions": [],
             "n_tokens": gen.n_tokens,
@@ -201,10 +211,13 @@ class CaptionStage:
         return clean_caption(raw, self.prompt_texts[prompt], self.post)
 
     def begin_attempt(self, unit: str) -> int:
-        """Counts this attempt at the unit in the output dir before the engine sees it; returns its number."""
+        """Counts this attempt at the unit in the output dir before the engine sees it; returns its number. Attempts
+        an earlier run recorded (it was killed, not its engine) do not count."""
         path = self.out.path("_attempts", attempts_name(unit, self.model.id))
         previous = 0
         if self.out.fs.get_file_info(path).is_file:
-            previous = json.loads(self.out.read_bytes(path))["attempts"]
-        self.out.write_json(path, {"attempts": previous + 1, "model": self.model.id, "unit": unit})
+            record = json.loads(self.out.read_bytes(path))
+            previous = record["attempts"] if record.get("run") == self.run_id else 0
+        record = {"attempts": previous + 1, "model": self.model.id, "unit": unit, "run": self.run_id}
+        self.out.write_json(path, record)
         return previous + 1

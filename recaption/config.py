@@ -48,7 +48,9 @@ class ImageConfig(Strict):
     max_pixels: int = Field(
         89_478_485, gt=0, description="Images claiming more pixels fail as decompression bombs (PIL's default)"
     )
-    min_side: int = Field(1, gt=0, description="Images with a side below this fail")
+    min_side: int = Field(
+        8, gt=0, description="Images with a side below this many pixels fail (1×1 tracking pixels, icons)"
+    )
     max_side: int = Field(1024, gt=0, description="Larger images are downscaled to this longest side before captioning")
 
 
@@ -138,7 +140,9 @@ class ModelConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _registry_defaults(cls, data: Any) -> Any:
-        """A registry name brings its default engine, revision and context length unless the config sets them."""
+        """A registry name brings its default engine, revision, context length and, under the hf engine, its GPU
+        and dtype (entry `hf`) unless the config sets them. The dtype only comes with a GPU: an actor the config
+        puts on a CPU (`num_gpus: 0`) keeps `auto`, float32 there."""
         from recaption.models import REGISTRY
 
         if not isinstance(data, dict) or data.get("path") not in REGISTRY:
@@ -147,6 +151,12 @@ class ModelConfig(Strict):
         data = {**data, "engine": data.get("engine") or entry["engine"]}
         if entry.get("revision") and not data.get("revision"):
             data["revision"] = entry["revision"]
+        hf = entry.get("hf") or {}
+        if data["engine"] == "hf" and hf:
+            if data.get("num_gpus") is None and "num_gpus" in hf:
+                data["num_gpus"] = hf["num_gpus"]
+            if data.get("dtype") is None and "dtype" in hf and (data.get("num_gpus") or 0) > 0:
+                data["dtype"] = hf["dtype"]
         vllm = dict(data.get("vllm") or {})
         if entry.get("max_model_len") and "max_model_len" not in vllm:
             data["vllm"] = {**vllm, "max_model_len": entry["max_model_len"]}

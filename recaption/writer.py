@@ -18,6 +18,7 @@ CAPTION_TYPE = pa.struct(
     [
         ("model", pa.string()),
         ("prompt", pa.string()),
+        ("prompt_text", pa.string()),  # the prompt's text as the model got it (before its chat format)
         ("text", pa.string()),
         ("sub_captions", pa.list_(pa.string())),
         ("n_tokens", pa.int32()),
@@ -68,12 +69,20 @@ class OutputDir:
         return self.path(DONE_DIR, f"{unit}.json")
 
     def prepare(self) -> None:
-        """Creates the directories and removes temp files a killed run left behind."""
+        """Creates the directories and removes what a killed run left behind: temp files, part files whose unit has
+        no marker (so readers never see rows of a unit that is not done), and attempt counts (a run killed while
+        captioning is no engine crash: only actor deaths within one run count against `max_unit_attempts`)."""
         for directory in (self.root, self.path(DONE_DIR), self.path(ATTEMPTS_DIR)):
             self.fs.create_dir(directory, recursive=True)
             for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
                 if info.base_name.startswith(TMP_PREFIX):
                     self.fs.delete_file(info.path)
+        self.fs.delete_dir_contents(self.path(ATTEMPTS_DIR), missing_dir_ok=True)
+        done = self.done_units()
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+            unit = info.base_name.removeprefix("part-").removesuffix(".parquet")
+            if info.is_file and info.base_name == self.part_name(unit) and unit not in done:
+                self.fs.delete_file(info.path)
 
     def delete_if_exists(self, path: str) -> None:
         if self.fs.get_file_info(path).is_file:
