@@ -89,13 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "config",
-        help="eval YAML: model (a CLIP checkpoint dir), sets (format + path), batch_size, output; or `synthetic`: "
+        help="eval YAML: model (a CLIP checkpoint dir, or kind: recaption and a trainer export), sets (format + "
+        "path), batch_size, output; or `synthetic`: "
         "train tiny models on generated scenes for the short/long/corner-token ablation and report it",
     )
     ev.add_argument("--size", type=int, default=400, help="synthetic: train scenes (held-out: a quarter, at least 16)")
     ev.add_argument("--repeats", type=int, default=3, help="synthetic: training seeds per arm")
     ev.add_argument("--steps", type=int, default=150, help="synthetic: training steps per model")
     ev.add_argument("--out", default="eval-synthetic", help="synthetic: directory for data, runs, JSON and PNG")
+    ev.add_argument(
+        "--no-text", action="store_true", help="synthetic: scenes without their written word (and caption sentence)"
+    )
     add_overrides(ev, "model.path=/ckpt/clip")
     ev.set_defaults(func=cmd_eval)
 
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision-tower",
         metavar="DIR",
         help="the CLIP tower checkpoint directory (Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12); "
-        "default: the config's mm_vision_tower when that is a local directory",
+        "default: the config's mm_vision_tower, a local directory or a Hub repo id in the Hugging Face cache",
     )
     sharegpt4v.set_defaults(func=cmd_convert_sharegpt4v)
 
@@ -218,18 +222,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from recaption.models import REGISTRY
 
-    rows = [("name", "family", "engine", "checkpoint")]
+    rows = [("name", "family", "engine", "chat format", "revision", "checkpoint")]
     for name, entry in REGISTRY.items():
         if "asset" in entry:
             source = "bundled with the package (trained by recaption tiny-model --family llava --train-on-scenes)"
         else:
             source = entry.get("repo") or f"built locally (recaption tiny-model --family {entry['tiny']})"
-        rows.append(
-            (name, entry["family"], entry["engine"], source + (f"  [{entry['note']}]" if "note" in entry else ""))
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        if entry.get("convert"):
+            source += f"  [convert first: recaption convert {entry['convert']} SRC DST; then path: DST]"
+        row = (name, entry["family"], entry["engine"], entry["chat_format"], entry.get("revision", "-"), source)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[5])
     print("\nAny Hugging Face repo id or local checkpoint directory works too; its family is read from config.json.")
     return 0
 
@@ -274,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.config == "synthetic":
         from recaption.eval.ablation import run_ablation
 
-        run_ablation(args.out, size=args.size, repeats=args.repeats, steps=args.steps)
+        run_ablation(args.out, size=args.size, repeats=args.repeats, steps=args.steps, text=not args.no_text)
         return 0
     run_eval(args.config, args.overrides)
     return 0
