@@ -209,6 +209,11 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of an auto-started local Ray (default: all)")
     read_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each read task reserves (caption actors decode)")
     write_num_cpus: float = Field(0.25, gt=0.0, description="CPUs each clean+commit task reserves")
+    autoscaling: bool = Field(
+        False,
+        description="The cluster adds nodes on demand: a fixed-size GPU pool waits for GPU nodes to join instead of "
+        "failing at plan time when none is up yet",
+    )
 
 
 class PipelineConfig(Strict):

@@ -94,7 +94,7 @@ def place_models(cfg: PipelineConfig) -> list[dict]:
 
     init_ray(cfg)
     nodes = ray.nodes()
-    return [actor_options(model, nodes) for model in cfg.models]
+    return [actor_options(model, nodes, cfg.ray.autoscaling) for model in cfg.models]
 
 
 def build_dataset(

@@ -24,12 +24,13 @@ def cluster_gpus(nodes: list[dict[str, Any]], accelerator_type: str | None = Non
     return total
 
 
-def pool_size(model: ModelConfig, nodes: list[dict[str, Any]]) -> int:
+def pool_size(model: ModelConfig, nodes: list[dict[str, Any]], autoscaling: bool = False) -> int:
     """Actors in a model's pool: the configured number, or (auto) as many as the cluster's GPUs hold. A pool of GPU
-    actors on a cluster where no node has one actor's GPUs is an error now, not a job that waits forever."""
+    actors on a cluster where no node has one actor's GPUs is an error now, not a job that waits forever, unless the
+    cluster autoscales (`ray.autoscaling`): there a fixed-size pool waits for its nodes."""
     per_actor = model.gpus_per_actor
     if model.concurrency != "auto":
-        if per_actor > 0:
+        if per_actor > 0 and not autoscaling:
             _check_an_actor_fits(model, nodes, per_actor)
         return model.concurrency
     if per_actor <= 0:
@@ -53,16 +54,16 @@ def _check_an_actor_fits(model: ModelConfig, nodes: list[dict[str, Any]], per_ac
     raise ConfigError(
         f"models[{model.id}]: each actor needs {per_actor:g} GPUs{kind} but no node of the Ray cluster has "
         f"{'them' if per_actor > 1 else 'one'} (most on one node: {most:g}); run on a GPU machine or cluster, or on "
-        "CPUs with `num_gpus: 0` (`--set models.N.num_gpus=0`)"
+        "CPUs with `num_gpus: 0` (`--set models.N.num_gpus=0`); on an autoscaling cluster set ray.autoscaling: true"
     )
 
 
-def actor_options(model: ModelConfig, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+def actor_options(model: ModelConfig, nodes: list[dict[str, Any]], autoscaling: bool = False) -> dict[str, Any]:
     """The `map_batches` arguments that place one model's caption actors."""
     import ray.data
 
     options: dict[str, Any] = {
-        "compute": ray.data.ActorPoolStrategy(size=pool_size(model, nodes)),
+        "compute": ray.data.ActorPoolStrategy(size=pool_size(model, nodes, autoscaling)),
         "num_cpus": model.num_cpus,
         "num_gpus": model.gpus_per_actor,
     }

@@ -55,6 +55,9 @@ def test_a_gpu_pool_on_a_cluster_without_such_gpus_is_a_config_error_saying_how_
         pool_size(vllm(vllm={"tensor_parallel_size": 12}), NODES)
     cpu = ModelConfig(path="instructblip-vicuna-7b", num_gpus=0, concurrency=2)
     assert pool_size(cpu, cpu_only) == 2
+    # An autoscaling cluster has no GPU node until the pool asks for one: the fixed-size pool waits for it.
+    assert pool_size(hf_on_gpu, cpu_only, autoscaling=True) == 1
+    assert "ray.autoscaling: true" in str(e.value)
 
 
 def test_gpu_sharing_must_leave_memory_and_tp_reserves_its_gpus():
