@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 VLLM_CPU_KVCACHE_SPACE=1
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
 rc=0
-.venv-vllm/bin/python -m pytest -m vllm -p no:cacheprovider --junitxml="$report" "$@" || rc=$?
+.venv-vllm/bin/python -m pytest -m vllm -p no:cacheprovider --durations=5 --junitxml="$report" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test-vllm: no vllm test was collected" >&2
   exit 1

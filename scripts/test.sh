@@ -13,4 +13,4 @@ bash scripts/setup.sh dev
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
 ruff check recaption tests
 ruff format --check recaption tests
-python -m pytest -m "not slow and not gpu" "$@"
+python -m pytest -m "not slow and not gpu" --durations=20 "$@"

@@ -65,15 +65,6 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def run_until_killed(config: Path, fault: str, log: Path) -> None:
-    proc = start(config, fault, log)
-    try:
-        proc.wait(timeout=180)
-        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    finally:
-        kill_session(proc)
-
-
 def output_keys(out: Path) -> list[str]:
     """What a reader sees: every visible file must be a whole Parquet file."""
     if not list(out.glob("part-*.parquet")):
@@ -95,9 +86,8 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
             assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         kill_session(proc)
-    if fault == "caption:start":  # killed while captioning more often than max_unit_attempts allows an engine
+    if fault == "caption:start":  # with max_unit_attempts 1, counting this kill as an engine crash would fail rows
         assert list((out / "_attempts").iterdir()), "the kill should have left an attempt count behind"
-        run_until_killed(config, fault, log)
 
     seen = output_keys(out)  # readable as it is: no partial file visible
     assert len(seen) == len(set(seen)) and len(seen) < N_IMAGES
