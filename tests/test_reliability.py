@@ -145,3 +145,10 @@ def test_part_files_without_a_marker_are_removed_before_readers_see_them(tmp_pat
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
     assert not list((out / "_attempts").iterdir())
     assert pads.dataset(str(out), format="parquet").count_rows() == 4
+    # Killed between a unit's data and its marker: the part file is there, the marker not. The rerun redoes that
+    # unit alone and readers see each row once (tests/test_resume.py kills a real run there, marked slow).
+    (out / "_done" / "00001.json").unlink()
+    summary = run_pipeline(config(tmp_path), progress=False)
+    assert (summary.units_skipped, summary.units_done) == (1, 1)
+    keys = pads.dataset(str(out), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 4
