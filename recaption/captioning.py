@@ -3,8 +3,8 @@
 Faults, from the smallest to the largest: a generation that fails alone is an `error` caption; an engine call
 that raises is retried image by image so only the images that raise fail; an engine that kills its process is
 restarted by Ray and the unit retried, up to `max_unit_attempts` (counted in the output dir, so the count survives
-the crash, and tagged with the run's id: a killed driver or Ctrl-C is no engine crash, so only the attempts of the
-current run count), after which the unit's rows are committed as failed.
+the crash; each run starts by clearing the counts, `OutputDir.prepare`, so a killed driver or Ctrl-C is no engine
+crash), after which the unit's rows are committed as failed.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class CaptionStage:
         output_path: str,
         image_cfg: dict | None = None,
         keep_images: bool = True,
-        run_id: str | None = None,
     ):
         from recaption.engines.base import build_captioner
         from recaption.writer import open_output
@@ -54,7 +53,6 @@ class CaptionStage:
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.keep_images = keep_images
-        self.run_id = run_id
         self.decode_threads = max(1, math.floor(self.model.num_cpus))
         self.pool: ThreadPoolExecutor | None = None
         self.out = open_output(output_path)
@@ -211,13 +209,11 @@ class CaptionStage:
         return clean_caption(raw, self.prompt_texts[prompt], self.post)
 
     def begin_attempt(self, unit: str) -> int:
-        """Counts this attempt at the unit in the output dir before the engine sees it; returns its number. Attempts
-        an earlier run recorded (it was killed, not its engine) do not count."""
+        """Counts this attempt at the unit in the output dir before the engine sees it; returns its number. The count
+        is this run's: `OutputDir.prepare` clears what a killed run left."""
         path = self.out.path("_attempts", attempts_name(unit, self.model.id))
         previous = 0
         if self.out.fs.get_file_info(path).is_file:
-            record = json.loads(self.out.read_bytes(path))
-            previous = record["attempts"] if record.get("run") == self.run_id else 0
-        record = {"attempts": previous + 1, "model": self.model.id, "unit": unit, "run": self.run_id}
-        self.out.write_json(path, record)
+            previous = json.loads(self.out.read_bytes(path))["attempts"]
+        self.out.write_json(path, {"attempts": previous + 1, "model": self.model.id, "unit": unit})
         return previous + 1

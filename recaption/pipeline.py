@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -69,8 +68,7 @@ def run_pipeline(
     run_meta = run_metadata(cfg, prompt_texts)
     out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     start = time.time()
-    # Attempts at a unit are counted per run: a run that was killed (driver, Ctrl-C) is no engine crash.
-    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements, run_id=uuid.uuid4().hex)
+    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements)
     with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
         for row in ds.iter_rows():
             summary.units_done += 1
@@ -97,14 +95,7 @@ def place_models(cfg: PipelineConfig) -> list[dict]:
     return [actor_options(model, nodes, cfg.ray.autoscaling) for model in cfg.models]
 
 
-def build_dataset(
-    cfg: PipelineConfig,
-    units: list,
-    prompt_texts: dict,
-    run_meta: dict,
-    placements: list[dict],
-    run_id: str | None = None,
-):
+def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta: dict, placements: list[dict]):
     """The Ray Data job: one row per unit throughout, one actor pool per model."""
     import ray.data
 
@@ -132,7 +123,6 @@ def build_dataset(
                 "output_path": cfg.output.path,
                 "image_cfg": cfg.images.model_dump(),
                 "keep_images": i < len(cfg.models) - 1,  # the commit stage needs no pixels
-                "run_id": run_id,
             },
             **placement,
             **common,

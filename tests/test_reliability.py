@@ -5,12 +5,12 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 import pytest
 
-from recaption.captioning import CaptionStage
 from recaption.cli import main
 from recaption.config import load_config
 from recaption.errors import ConfigError, EngineError
 from recaption.pipeline import run_pipeline
 from recaption.shards.tar import write_webdataset
+from recaption.writer import open_output
 from tests.data import make_image, write_webdataset_dir
 from tests.test_captioning import stage, unit_table
 
@@ -79,18 +79,13 @@ def test_cli_exit_codes_for_bad_paths(tmp_path, capsys):
 
 def test_attempts_of_an_earlier_run_do_not_count(tmp_path):
     """A run killed while captioning (driver, Ctrl-C) is no engine crash: a new run starts counting afresh."""
-
-    def stage_of_run(run_id: str) -> CaptionStage:
-        s = stage(tmp_path, max_unit_attempts=1)
-        return CaptionStage(
-            s.model.model_dump(), s.prompt_texts, s.post.model_dump(), str(tmp_path / "out"), run_id=run_id
-        )
-
-    for n in (1, 2):
-        assert stage_of_run("killed-run").begin_attempt("u") == n
-    assert {r["status"] for r in stage_of_run("new-run").caption_unit("u", unit_table([50, 51])).to_pylist()} == {"ok"}
+    for n in (1, 2):  # what a killed run left
+        assert stage(tmp_path, max_unit_attempts=1).begin_attempt("u") == n
+    open_output(str(tmp_path / "out")).prepare()  # what every run does first
+    s = stage(tmp_path, max_unit_attempts=1)
+    assert {r["status"] for r in s.caption_unit("u", unit_table([50, 51])).to_pylist()} == {"ok"}
     # Within one run the count goes on: the killed run's stage would now give up.
-    rows = stage_of_run("new-run").caption_unit("u", unit_table([50, 51])).to_pylist()
+    rows = stage(tmp_path, max_unit_attempts=1).caption_unit("u", unit_table([50, 51])).to_pylist()
     assert all("crashed on this unit 1 times" in r["error"] for r in rows)
 
 
