@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,10 +25,6 @@ from recaption.postprocess import clean_caption
 from recaption.stages import describe, from_ipc, rows_table, unit_row
 
 log = logging.getLogger(__name__)
-
-
-def attempts_name(unit: str, model_id: str) -> str:
-    return f"{unit}.{re.sub(r'[^A-Za-z0-9._-]', '_', model_id)}.json"
 
 
 class CaptionStage:
@@ -211,7 +206,7 @@ class CaptionStage:
     def begin_attempt(self, unit: str) -> int:
         """Counts this attempt at the unit in the output dir before the engine sees it; returns its number. The count
         is this run's: `OutputDir.prepare` clears what a killed run left."""
-        path = self.out.path("_attempts", attempts_name(unit, self.model.id))
+        path = self.out.attempts_path(unit, self.model.id)
         previous = 0
         if self.out.fs.get_file_info(path).is_file:
             previous = json.loads(self.out.read_bytes(path))["attempts"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from recaption.errors import ConfigError
 
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 InputFormat = Literal["auto", "webdataset", "img2dataset-parquet", "parquet", "hf", "folder"]
 EngineName = Literal["hf", "vllm", "fake"]
 
@@ -40,6 +43,8 @@ class InputConfig(Strict):
     caption_column: str | None = Field(None, description="Column of the original alt-text; default: caption/text")
     url_column: str | None = Field(None, description="Column of the source URL; default: `url`")
     max_units: int | None = Field(None, gt=0, description="Process at most this many units (for trial runs)")
+
+    _absolute = field_validator("path")(classmethod(lambda cls, v: absolute_path(v)))
 
 
 class ImageConfig(Strict):
@@ -137,6 +142,13 @@ class ModelConfig(Strict):
             return self.num_gpus
         return float(self.vllm.tensor_parallel_size) if self.engine == "vllm" else 0.0
 
+    @field_validator("concurrency")
+    @classmethod
+    def _some_actors(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a model needs at least 1 actor (or auto: one per GPU of the cluster)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _registry_defaults(cls, data: Any) -> Any:
@@ -198,8 +210,16 @@ class PostprocessConfig(Strict):
 class OutputConfig(Strict):
     """Where the Parquet goes."""
 
-    path: str = Field(description="Output directory (local path or URI)")
+    path: str = Field(description="Output directory (local path or URI): new, empty, or a recaption output")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    lease_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="A run holds the output with a lease it renews; a killed run's lease is taken over this many "
+        "seconds after its last renewal (at once on the same host once its process is gone)",
+    )
+
+    _absolute = field_validator("path")(classmethod(lambda cls, v: absolute_path(v)))
 
 
 class RayConfig(Strict):
@@ -248,18 +268,41 @@ class PipelineConfig(Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Hash of what decides the output's content; where and how fast it runs (pools, Ray, trial limits,
-        compression) is left out, so resizing a cluster mid-job does not refuse the resume."""
-        data = self.resolved()
-        data.pop("ray")
-        data.pop("output")
-        data["input"].pop("max_units")
-        for model in data["models"]:
-            for key in RUNTIME_MODEL_KEYS:
-                model.pop(key, None)
-            for key in RUNTIME_VLLM_KEYS:
-                model["vllm"].pop(key, None)
-        return config_hash(data)
+        """Hash of what decides the output's content (see `content_view`)."""
+        return config_hash(content_view(self.resolved()))
+
+
+def content_view(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved pipeline config that decides the output's content: where and how fast it runs (pools,
+    Ray, trial limits, compression, the output's place) is left out, so resizing a cluster mid-job does not refuse
+    the resume, and the input path is compared as a place (`dir/` = `dir`; a URI without credentials or options)."""
+    data = copy.deepcopy(resolved)
+    data.pop("ray", None)
+    data.pop("output", None)
+    data["input"].pop("max_units", None)
+    data["input"]["path"] = _place(data["input"]["path"])
+    for model in data["models"]:
+        for key in RUNTIME_MODEL_KEYS:
+            model.pop(key, None)
+        for key in RUNTIME_VLLM_KEYS:
+            model["vllm"].pop(key, None)
+    return data
+
+
+def _place(path: str) -> str:
+    if not _URI.match(path):
+        return path.rstrip("/") or "/"
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(path)
+    return urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[-1], p.path.rstrip("/"), "", ""))
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute (so a resume from another directory means the same place); URIs as they are."""
+    if not value.strip() or _URI.match(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 # Model settings that change where or how fast captions are made, not what they say.

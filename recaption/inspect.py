@@ -16,7 +16,6 @@ from typing import IO
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recaption.config import ImageConfig, InputConfig
@@ -29,14 +28,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def part_paths(out: OutputDir) -> list[str]:
-    """The output's `part-*.parquet` files, sorted; InputError when there are none."""
-    if out.fs.get_file_info(out.root).type != pafs.FileType.Directory:
-        raise InputError(f"output directory not found: {out.root}")
-    infos = out.fs.get_file_info(pafs.FileSelector(out.root))
-    parts = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
-    if not parts:
-        raise InputError(f"no part-*.parquet files in {out.root}: not a recaption output (or nothing committed yet)")
-    return parts
+    """The output's part files, sorted; InputError when there are none."""
+    return out.part_paths()
 
 
 def iter_batches(out: OutputDir, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from recaption.config import PipelineConfig
-from recaption.errors import ConfigError
+from recaption.config import PipelineConfig, content_view
+from recaption.errors import ConfigError, RecaptionError
+from recaption.lease import Lease
 from recaption.progress import Progress
+from recaption.redact import redact_config
 from recaption.writer import RUN_INFO, open_output
 
 log = logging.getLogger(__name__)
@@ -52,36 +54,43 @@ def run_pipeline(
     prompt_texts = resolve_prompts(cfg)
     check_models(cfg)
     check_paths(cfg)
-    units = plan_units(cfg.input)
     out = open_output(cfg.output.path)
-    out.prepare()
-    if overwrite:
-        out.clear()
-    done = out.done_units()
-    check_same_config(cfg, out, done)
-    todo = [u for u in units if u.unit not in done]
-    summary = RunSummary(output=cfg.output.path, units_total=len(units), units_skipped=len(units) - len(todo))
-    if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
-        Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
+    out.claim()  # a foreign directory is refused before anything is written into it
+    with Lease(out, cfg.output.lease_timeout_s).acquire() as lease:
+        units = plan_units(cfg.input)
+        out.prepare()
+        if overwrite:
+            out.clear()
+        done = out.done_units()
+        check_same_config(cfg, out, done)
+        todo = [u for u in units if u.unit not in done]
+        summary = RunSummary(output=out.uri, units_total=len(units), units_skipped=len(units) - len(todo))
+        if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
+            Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
+            return summary
+        placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
+        run_meta = run_metadata(cfg, prompt_texts)
+        out.write_json(out.path(RUN_INFO), {**run_meta, "run_id": lease.run_id, "started_at": time.time()})
+        start = time.time()
+        ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements, lease.run_id)
+        with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
+            for row in ds.iter_rows():
+                if row["fatal"]:  # the output cannot take more (disk full, no permission, lease lost): stop now
+                    raise RecaptionError(
+                        f"unit {row['unit']} not committed: {row['error']}; finished units are kept, rerun to resume"
+                    )
+                summary.units_done += 1
+                if row["error"]:
+                    summary.unit_errors[row["unit"]] = row["error"]
+                for k in ("rows", "ok", "failed", "skipped", "tokens"):
+                    setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
+                summary.seconds = time.time() - start
+                live.unit_done(row)
+                if on_unit is not None:
+                    on_unit(row)
+                lease.check()
+        summary.seconds = time.time() - start
         return summary
-    placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
-    run_meta = run_metadata(cfg, prompt_texts)
-    out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
-    start = time.time()
-    ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements)
-    with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
-        for row in ds.iter_rows():
-            summary.units_done += 1
-            if row["error"]:
-                summary.unit_errors[row["unit"]] = row["error"]
-            for k in ("rows", "ok", "failed", "skipped", "tokens"):
-                setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
-            summary.seconds = time.time() - start
-            live.unit_done(row)
-            if on_unit is not None:
-                on_unit(row)
-    summary.seconds = time.time() - start
-    return summary
 
 
 def place_models(cfg: PipelineConfig) -> list[dict]:
@@ -95,7 +104,9 @@ def place_models(cfg: PipelineConfig) -> list[dict]:
     return [actor_options(model, nodes, cfg.ray.autoscaling) for model in cfg.models]
 
 
-def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta: dict, placements: list[dict]):
+def build_dataset(
+    cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta: dict, placements: list[dict], run_id: str
+):
     """The Ray Data job: one row per unit throughout, one actor pool per model."""
     import ray.data
 
@@ -132,6 +143,7 @@ def build_dataset(cfg: PipelineConfig, units: list, prompt_texts: dict, run_meta
         "compression": cfg.output.compression,
         "run_meta": run_meta,
         "model_ids": [m.id for m in cfg.models],
+        "run_id": run_id,
     }
     return ds.map_batches(
         run_as_task,
@@ -176,13 +188,23 @@ def check_models(cfg: PipelineConfig) -> None:
 
 
 def check_paths(cfg: PipelineConfig) -> None:
-    """The output may not lie inside the input: the next plan would read the pipeline's own files as input."""
-    from recaption.shards.fs import resolve
+    """Both paths are given, and the output does not lie inside the input (the next plan would read the
+    pipeline's own files as input) nor the input inside the output."""
+    from recaption.shards.fs import display, resolve
 
+    for key, value in (("input.path", cfg.input.path), ("output.path", cfg.output.path)):
+        if not value.strip():
+            raise ConfigError(f"{key} is empty; give a local path or a URI (s3://, gs://)")
     in_fs, in_path = resolve(cfg.input.path)
     out_fs, out_path = resolve(cfg.output.path)
-    if type(in_fs) is type(out_fs) and (out_path.rstrip("/") + "/").startswith(in_path.rstrip("/") + "/"):
-        raise ConfigError(f"output.path {cfg.output.path} lies inside input.path {cfg.input.path}; choose another")
+    if type(in_fs) is type(out_fs):
+        inside = (out_path.rstrip("/") + "/").startswith(in_path.rstrip("/") + "/")
+        if inside or (in_path.rstrip("/") + "/").startswith(out_path.rstrip("/") + "/"):
+            where = "inside" if inside and out_path.rstrip("/") != in_path.rstrip("/") else "at or around"
+            raise ConfigError(
+                f"output.path {display(cfg.output.path)} lies {where} input.path {display(cfg.input.path)}; "
+                "choose an output directory apart from the input"
+            )
 
 
 def check_same_config(cfg: PipelineConfig, out, done: dict[str, dict]) -> None:
@@ -193,10 +215,10 @@ def check_same_config(cfg: PipelineConfig, out, done: dict[str, dict]) -> None:
     changed = ""
     if out.fs.get_file_info(out.path(RUN_INFO)).is_file:
         previous = json.loads(out.read_bytes(out.path(RUN_INFO))).get("config", {})
-        keys = changed_keys(previous, cfg.resolved())
+        keys = changed_keys(content_view(previous), content_view(redact_config(cfg.resolved())))
         changed = f" (changed: {', '.join(keys[:8])})" if keys else ""
     raise ConfigError(
-        f"output.path {cfg.output.path} holds {len(done)} units written with another config{changed}; "
+        f"output.path {out.uri} holds {len(done)} units written with another config{changed}; "
         "rerun with --overwrite to replace them, or choose a new output.path"
     )
 
@@ -219,4 +241,5 @@ def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
-    return {"config": cfg.resolved(), "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}
+    config = redact_config(cfg.resolved())  # stored in every file: never a credential
+    return {"config": config, "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}

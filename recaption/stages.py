@@ -16,12 +16,14 @@ from typing import Any
 import pyarrow as pa
 
 from recaption.config import InputConfig
+from recaption.redact import redact_text
+from recaption.shards.fs import display
 from recaption.writer import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_SCHEMA = OUTPUT_SCHEMA.append(pa.field("image", pa.binary()))
-SUMMARY_FIELDS = ("unit", "rows", "ok", "failed", "skipped", "tokens", "seconds", "error")
+SUMMARY_FIELDS = ("unit", "rows", "ok", "failed", "skipped", "tokens", "seconds", "error", "fatal")
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -36,6 +38,7 @@ def from_ipc(data: bytes) -> pa.Table:
 
 
 def unit_row(unit: str, t_start: float, table: pa.Table | None, error: str | None = None) -> dict[str, Any]:
+    """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it)."""
     return {"unit": unit, "t_start": t_start, "payload": to_ipc(table) if table is not None else b"", "error": error}
 
 
@@ -89,35 +92,49 @@ class ReadStage:
                     row.update(status="ok", image=rec.image or b"")
                 rows.append(row)
         except Exception as e:  # an unreadable shard: the unit is not committed, so a rerun retries it
-            log.error("unit %s: cannot read %s: %s", unit.unit, unit.uri, traceback.format_exc())
-            return unit_row(unit.unit, t_start, None, f"cannot read {unit.source or unit.uri}: {describe(e)}")
+            where = unit.source or display(unit.uri)
+            log.error("unit %s: cannot read %s: %s", unit.unit, where, redact_text(traceback.format_exc()))
+            return unit_row(unit.unit, t_start, None, redact_text(f"cannot read {where}: {describe(e)}"))
         return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))
 
 
 class CommitStage:
-    """Commits a unit: Parquet first, done marker after, then forgets its attempt counts (CPU task)."""
+    """Commits a unit: Parquet first, done marker after, then forgets its attempt counts (CPU task). Only while this
+    run holds the output's lease; an output that cannot be written ends the run (`fatal`), never a marker."""
 
-    def __init__(self, output_path: str, compression: str, run_meta: dict, model_ids: list[str]):
+    def __init__(self, output_path: str, compression: str, run_meta: dict, model_ids: list[str], run_id: str):
         from recaption.writer import open_output
 
         self.out = open_output(output_path)
         self.compression = compression
         self.run_meta = run_meta
         self.model_ids = model_ids
+        self.run_id = run_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.commit(row) for row in batch.to_pylist()])
 
     def commit(self, row: dict) -> dict:
-        from recaption.captioning import attempts_name
-        from recaption.writer import ATTEMPTS_DIR, unit_stats
+        from recaption.lease import check_holder
+        from recaption.retry import with_retries
+        from recaption.writer import unit_stats
 
-        summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"]}
+        summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": False}
         if row["error"]:
             return summary
         table = from_ipc(row["payload"])
         stats = unit_stats(table, time.time() - row["t_start"], self.run_meta["config_hash"])
-        self.out.commit_unit(row["unit"], table, self.run_meta, stats, self.compression)
-        for model_id in self.model_ids:
-            self.out.delete_if_exists(self.out.path(ATTEMPTS_DIR, attempts_name(row["unit"], model_id)))
+        try:
+            refused = with_retries(lambda: check_holder(self.out, self.run_id), "reading the output lease")
+            if refused:
+                return summary | {"error": f"{refused}; this run may not write here any more", "fatal": True}
+            with_retries(
+                lambda: self.out.commit_unit(row["unit"], table, self.run_meta, stats, self.compression),
+                f"committing unit {row['unit']}",
+            )
+            for model_id in self.model_ids:
+                self.out.delete_if_exists(self.out.attempts_path(row["unit"], model_id))
+        except OSError as e:  # a full disk, no permission, a store that stays down: no later unit would fare better
+            log.error("unit %s: cannot write the output: %s", row["unit"], redact_text(traceback.format_exc()))
+            return summary | {"error": redact_text(f"cannot write the output {self.out.uri}: {e}"), "fatal": True}
         return summary | {k: stats[k] for k in SUMMARY_FIELDS if k in stats}

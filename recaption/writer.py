@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -12,7 +13,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from recaption.errors import ConfigError, InputError
 from recaption.faults import fault_point
+from recaption.redact import strip_credentials
 
 CAPTION_TYPE = pa.struct(
     [
@@ -44,44 +47,126 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 STATUSES = ("ok", "failed", "skipped")
+OWNER_FILE = "_recaption.json"  # says the directory is a recaption output: the only kind a run writes into
+OUTPUT_KIND = "captions"
+LAYOUT = 2  # 2: every file a run may delete carries `.recaption.` in its name (1: `part-<unit>.parquet`)
 DONE_DIR = "_done"
 ATTEMPTS_DIR = "_attempts"
 RUN_INFO = "_run.json"
-TMP_PREFIX = ".tmp-"
+# Every name a run deletes matches one of these, so a user's file (`part-00000-….snappy.parquet`, `.tmp-mywork`, a
+# note under `_attempts/`) is never taken for one of ours.
+TMP_PREFIX = ".recaption-tmp-"
+PART_PREFIX, PART_SUFFIX = "part-", ".recaption.parquet"
+MARKER_SUFFIX = ".recaption.json"
+ATTEMPTS_SUFFIX = ".recaption.json"
 METADATA_KEY = b"recaption"
+
+
+def attempts_name(unit: str, model_id: str) -> str:
+    return f"{unit}.{re.sub(r'[^A-Za-z0-9._-]', '_', model_id)}{ATTEMPTS_SUFFIX}"
+
+
+def unit_of_part(name: str) -> str | None:
+    """The unit of one of our part file names, else None."""
+    if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX) and len(name) > len(PART_PREFIX + PART_SUFFIX):
+        return name[len(PART_PREFIX) : -len(PART_SUFFIX)]
+    return None
+
+
+def unit_of_marker(name: str) -> str | None:
+    """The unit of one of our done-marker names, else None."""
+    if name.endswith(MARKER_SUFFIX) and not name.startswith(TMP_PREFIX) and len(name) > len(MARKER_SUFFIX):
+        return name[: -len(MARKER_SUFFIX)]
+    return None
 
 
 class OutputDir:
     """An output directory on any pyarrow filesystem; the only place the pipeline writes."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str):
+    def __init__(self, fs: pafs.FileSystem, root: str, uri: str | None = None):
         self.fs = fs
         self.root = root.rstrip("/")
+        self.uri = strip_credentials(uri) if uri else self.root  # for messages: never a credential
         self.atomic_rename = isinstance(fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def part_name(self, unit: str) -> str:
-        return f"part-{unit}.parquet"
+        return f"{PART_PREFIX}{unit}{PART_SUFFIX}"
 
     def marker_path(self, unit: str) -> str:
-        return self.path(DONE_DIR, f"{unit}.json")
+        return self.path(DONE_DIR, f"{unit}{MARKER_SUFFIX}")
+
+    def attempts_path(self, unit: str, model_id: str) -> str:
+        return self.path(ATTEMPTS_DIR, attempts_name(unit, model_id))
+
+    def owner(self) -> dict | None:
+        """The ownership record of the directory, None where it has none (or one that is not ours)."""
+        path = self.path(OWNER_FILE)
+        if not self.fs.get_file_info(path).is_file:
+            return None
+        try:
+            data = json.loads(self.read_bytes(path))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and data.get("tool") == "recaption" else None
+
+    def claim(self) -> None:
+        """Makes sure the directory is ours before anything is written: a new or empty directory becomes a recaption
+        output; one that already is stays; anything else is refused in one line (ConfigError), untouched."""
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"output.path {self.uri} is a file; give a directory (new or empty)")
+        owner = self.owner() if info.type == pafs.FileType.Directory else None
+        if owner is not None:
+            if owner.get("kind") != OUTPUT_KIND:
+                raise ConfigError(
+                    f"output.path {self.uri} is a recaption {owner.get('kind')} directory, not a captions output; "
+                    "choose another output.path"
+                )
+            if owner.get("layout") != LAYOUT:
+                raise ConfigError(
+                    f"output.path {self.uri} was written by another recaption version (layout "
+                    f"{owner.get('layout')}, this one writes {LAYOUT}); choose a new output.path"
+                )
+            return
+        entries = self._entries() if info.type == pafs.FileType.Directory else []
+        if entries:
+            names = sorted(e.base_name for e in entries)
+            if DONE_DIR in names or RUN_INFO in names:
+                raise ConfigError(
+                    f"output.path {self.uri} was written by an older recaption (part-*.parquet names, no "
+                    f"{OWNER_FILE}); it stays readable, but a run needs a new output.path"
+                )
+            shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+            raise ConfigError(
+                f"output.path {self.uri} is not empty and is not a recaption output (it holds {len(names)} entries: "
+                f"{shown}); choose a new or empty directory"
+            )
+        self.fs.create_dir(self.root, recursive=True)
+        record = {"tool": "recaption", "kind": OUTPUT_KIND, "layout": LAYOUT, "created_at": time.time()}
+        self.write_json(self.path(OWNER_FILE), record)
+
+    def _entries(self) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
 
     def prepare(self) -> None:
-        """Creates the directories and removes what a killed run left behind: temp files, part files whose unit has
-        no marker (so readers never see rows of a unit that is not done), and attempt counts (a run killed while
-        captioning is no engine crash: only actor deaths within one run count against `max_unit_attempts`)."""
+        """Creates the directories and removes what a killed run left behind, matching only names a run writes:
+        temp files, part files whose unit has no marker (so readers never see rows of a unit that is not done),
+        and attempt counts (a run killed while captioning is no engine crash: only actor deaths within one run
+        count against `max_unit_attempts`)."""
         for directory in (self.root, self.path(DONE_DIR), self.path(ATTEMPTS_DIR)):
             self.fs.create_dir(directory, recursive=True)
             for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
-                if info.base_name.startswith(TMP_PREFIX):
+                ours = info.base_name.startswith(TMP_PREFIX)
+                ours |= directory.endswith(ATTEMPTS_DIR) and info.base_name.endswith(ATTEMPTS_SUFFIX)
+                if info.is_file and ours:
                     self.fs.delete_file(info.path)
-        self.fs.delete_dir_contents(self.path(ATTEMPTS_DIR), missing_dir_ok=True)
         done = self.done_units()
-        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
-            unit = info.base_name.removeprefix("part-").removesuffix(".parquet")
-            if info.is_file and info.base_name == self.part_name(unit) and unit not in done:
+        for info in self._entries():
+            unit = unit_of_part(info.base_name)
+            if info.is_file and unit is not None and unit not in done:
                 self.fs.delete_file(info.path)
 
     def delete_if_exists(self, path: str) -> None:
@@ -89,23 +174,44 @@ class OutputDir:
             self.fs.delete_file(path)
 
     def clear(self) -> None:
-        """Deletes everything an earlier run wrote here (part files, markers, run info), nothing else."""
-        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
-            name = info.base_name
-            if info.is_file and (name.startswith("part-") and name.endswith(".parquet") or name == RUN_INFO):
+        """Deletes what earlier runs wrote here, nothing else: markers first, then part files, then run info, so a
+        kill at any point leaves part files without markers, which the next run removes and redoes."""
+        markers = self.fs.get_file_info(pafs.FileSelector(self.path(DONE_DIR), allow_not_found=True))
+        for info in markers:
+            if info.is_file and unit_of_marker(info.base_name) is not None:
                 self.fs.delete_file(info.path)
-        for sub in (DONE_DIR, ATTEMPTS_DIR):
-            self.fs.delete_dir_contents(self.path(sub), missing_dir_ok=True)
+        for info in self._entries():
+            if info.is_file and unit_of_part(info.base_name) is not None:
+                self.fs.delete_file(info.path)
+        attempts = self.fs.get_file_info(pafs.FileSelector(self.path(ATTEMPTS_DIR), allow_not_found=True))
+        for info in attempts:
+            if info.is_file and info.base_name.endswith(ATTEMPTS_SUFFIX):
+                self.fs.delete_file(info.path)
+        self.delete_if_exists(self.path(RUN_INFO))
 
     def done_units(self) -> dict[str, dict]:
         """Units whose marker exists: a unit is done iff its marker exists."""
         selector = pafs.FileSelector(self.path(DONE_DIR), allow_not_found=True)
         done = {}
         for info in self.fs.get_file_info(selector):
-            name = info.base_name
-            if name.endswith(".json") and not name.startswith(TMP_PREFIX):
-                done[name[: -len(".json")]] = json.loads(self.read_bytes(info.path))
+            unit = unit_of_marker(info.base_name)
+            if info.is_file and unit is not None:
+                done[unit] = json.loads(self.read_bytes(info.path))
         return done
+
+    def part_paths(self) -> list[str]:
+        """The output's part files, sorted (an older output's `part-*.parquet` where the directory has no owner
+        record); InputError when there are none."""
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise InputError(f"output directory not found: {self.uri}")
+        entries = self._entries()
+        if any(e.base_name == OWNER_FILE for e in entries):
+            parts = [e.path for e in entries if e.is_file and unit_of_part(e.base_name) is not None]
+        else:
+            parts = [e.path for e in entries if e.is_file and is_legacy_part(e.base_name)]
+        if not parts:
+            raise InputError(f"no part files in {self.uri}: not a recaption output (or nothing committed yet)")
+        return sorted(parts)
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
@@ -130,22 +236,33 @@ class OutputDir:
         self.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode())
 
     def commit_unit(self, unit: str, table: pa.Table, run_meta: dict, stats: dict, compression: str) -> None:
-        """Writes the unit's Parquet, then its done marker: the marker is only ever written after the data."""
+        """Writes the unit's Parquet, then its done marker: the marker is only ever written after the data. A unit
+        without rows (an img2dataset shard whose downloads all failed) is a file with the schema and no row group,
+        which every Parquet reader takes as empty (an empty row group breaks `datasets`)."""
         table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression=None if compression == "none" else compression)
+        with pq.ParquetWriter(buf, table.schema, compression=None if compression == "none" else compression) as w:
+            if table.num_rows:
+                w.write_table(table)
         self.write_atomic(self.path(self.part_name(unit)), buf.getvalue(), fault="commit:before-rename")
         fault_point("commit:after-data")
         self.write_json(self.marker_path(unit), {**stats, "unit": unit, "committed_at": time.time()})
+
+
+def is_legacy_part(name: str) -> bool:
+    """A part file name of an output written before layout 2 (which had no owner record)."""
+    return name.startswith(PART_PREFIX) and name.endswith(".parquet")
 
 
 def open_output(path: str) -> OutputDir:
     """The output directory a path or URI names (local, s3://, gs://)."""
     from recaption.shards.fs import resolve
 
+    if not str(path).strip():
+        raise ConfigError("output.path is empty; give a directory for the output")
     fs, root = resolve(path)
-    return OutputDir(fs, root)
+    return OutputDir(fs, root, path)
 
 
 def unit_stats(table: pa.Table, seconds: float, config_hash: str) -> dict:

@@ -169,7 +169,7 @@ def test_output_opens_with_common_readers_and_rerun_does_no_work(tmp_path, ray_s
     assert sorted(hf["key"]) == keys and hf[0]["captions"][0]["sub_captions"]
     n = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet') where status = 'ok'").fetchall()[0][0]
     assert n == 8
-    assert sorted(p.name for p in (out / "_done").iterdir()) == ["00000.json", "00001.json", "00002.json"]
+    assert sorted(p.name for p in (out / "_done").iterdir()) == [f"0000{i}.recaption.json" for i in range(3)]
     before = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
 
     second = run_pipeline(cfg, progress=False)

@@ -120,11 +120,11 @@ def test_a_shard_that_becomes_unreadable_after_planning_exits_1_and_is_retried(
     monkeypatch.setattr(plan, "plan_units", plan_then_lose_a_shard)
     assert main(["run", str(path), "--no-progress"]) == 1
     markers = sorted(p.name for p in (tmp_path / "out" / "_done").iterdir())
-    assert markers == ["00000.json"] and not (tmp_path / "out" / "part-00001.parquet").exists()
+    assert markers == ["00000.recaption.json"] and not (tmp_path / "out" / "part-00001.recaption.parquet").exists()
     monkeypatch.setattr(plan, "plan_units", real_plan)
     shard.write_bytes(saved)
     assert main(["run", str(path), "--no-progress"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["00000.json", "00001.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["00000.recaption.json", "00001.recaption.json"]
     assert "units:    1 run, 1 already done" in capsys.readouterr().out
     assert pads.dataset(str(tmp_path / "out")).count_rows() == 4
 
@@ -134,15 +134,16 @@ def test_part_files_without_a_marker_are_removed_before_readers_see_them(tmp_pat
     write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
     run_pipeline(config(tmp_path), progress=False)
     out = tmp_path / "out"
-    (out / "part-00007.parquet").write_bytes((out / "part-00000.parquet").read_bytes())  # no marker: not done
-    (out / "_attempts" / "00000.fake.json").write_text('{"attempts": 1}')  # a stray count of a done unit
+    part = (out / "part-00000.recaption.parquet").read_bytes()
+    (out / "part-00007.recaption.parquet").write_bytes(part)  # no marker: not done
+    (out / "_attempts" / "00000.fake.recaption.json").write_text('{"attempts": 1}')  # a stray count of a done unit
     assert run_pipeline(config(tmp_path), progress=False).units_skipped == 2
-    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.recaption.parquet", "part-00001.recaption.parquet"]
     assert not list((out / "_attempts").iterdir())
     assert pads.dataset(str(out), format="parquet").count_rows() == 4
     # Killed between a unit's data and its marker: the part file is there, the marker not. The rerun redoes that
     # unit alone and readers see each row once (tests/test_resume.py kills a real run there, marked slow).
-    (out / "_done" / "00001.json").unlink()
+    (out / "_done" / "00001.recaption.json").unlink()
     summary = run_pipeline(config(tmp_path), progress=False)
     assert (summary.units_skipped, summary.units_done) == (1, 1)
     keys = pads.dataset(str(out), format="parquet").to_table(columns=["key"]).column("key").to_pylist()

@@ -96,10 +96,10 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
     seen = output_keys(out)  # readable as it is: no partial file visible
     assert len(seen) == len(set(seen)) and len(seen) < N_IMAGES
     if fault == "commit:before-rename":
-        assert list(out.glob(".tmp-*")), "the kill should have left a temp file behind"
+        assert list(out.glob(".recaption-tmp-*")), "the kill should have left a temp file behind"
     if fault == "commit:after-data":
-        parts = {p.name.removeprefix("part-").removesuffix(".parquet") for p in out.glob("part-*.parquet")}
-        markers = {p.stem for p in (out / "_done").glob("*.json")}
+        parts = {p.name.removeprefix("part-").removesuffix(".recaption.parquet") for p in out.glob("part-*.parquet")}
+        markers = {p.name.removesuffix(".recaption.json") for p in (out / "_done").glob("*.json")}
         assert parts - markers, "the kill should have left a part file without its marker"
 
     rerun = start(config, None, log)
@@ -112,9 +112,9 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
     statuses = pads.dataset(str(out), format="parquet").to_table(columns=["status"]).column("status").to_pylist()
     assert set(statuses) == {"ok"}, log.read_text()[-3000:]  # no kill was counted as an engine crash
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
-    markers = {p.stem for p in (out / "_done").iterdir()}
-    parts = {p.name.removeprefix("part-").removesuffix(".parquet") for p in out.glob("part-*.parquet")}
+    markers = {p.name.removesuffix(".recaption.json") for p in (out / "_done").iterdir()}
+    parts = {p.name.removeprefix("part-").removesuffix(".recaption.parquet") for p in out.glob("part-*.parquet")}
     assert len(markers) == N_IMAGES // SHARD_SIZE and parts == markers
     assert not (out / "_attempts").exists() or not list((out / "_attempts").iterdir())
     bookkeeping = {p.name for p in out.iterdir() if not p.name.startswith("part-")}
-    assert bookkeeping <= {"_done", "_attempts", "_run.json", "_progress.json"}, bookkeeping
+    assert bookkeeping <= {"_done", "_attempts", "_run.json", "_progress.json", "_recaption.json"}, bookkeeping

@@ -28,7 +28,7 @@ from recaption.shards.tar import read_samples
 from recaption.train.config import TrainConfig
 from recaption.train.sampling import TextSampler, example_rng
 from recaption.train.tokenizer import encode
-from recaption.writer import METADATA_KEY
+from recaption.writer import METADATA_KEY, is_legacy_part, open_output
 
 COLUMNS = ["key", "unit", "status", "alt_text", "captions"]
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -55,16 +55,17 @@ class Example:
 
 def output_parts(path: str) -> list[str]:
     """The part files of a pipeline output, sorted; InputError when there are none."""
-    parts = [join(path, f.path) for f in list_files(path) if f.path.startswith("part-") and f.path.endswith(".parquet")]
-    if not parts:
-        raise InputError(f"no part-*.parquet files in {display(path)}: is data.path a `recaption run` output?")
-    return parts
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in open_output(path).part_paths()]
+    except InputError:
+        raise InputError(f"no part files in {display(path)}: is data.path a `recaption run` output?") from None
+    return [join(path, name) for name in names]
 
 
 def export_shards(path: str) -> list[str]:
     """The tars of a `recaption export --to webdataset` directory when `path` is one (it has no part files)."""
     files = [f.path for f in list_files(path)]
-    if any(f.startswith("part-") and f.endswith(".parquet") for f in files):
+    if any(is_legacy_part(f) for f in files):  # a pipeline output (any layout's part files)
         return []
     return [join(path, f) for f in files if f.endswith(".tar")]
 

@@ -77,6 +77,6 @@ def test_train_command_prints_where_the_results_are(caption_output, tmp_path, ca
     assert train_command(str(yaml), overrides, progress=False) == 0
     out = capsys.readouterr().out
     assert f"run:      {tmp_path / 'run'}" in out and "steps:    2, last loss" in out and "final" in out
-    with pytest.raises(InputError, match="no part-"):
+    with pytest.raises(InputError, match="no part files"):
         train_command(str(yaml), [f"data.path={tmp_path}", f"run.output={tmp_path / 'r2'}"], progress=False)
     assert tiny_config(caption_output, tmp_path).run.log_every == 1
