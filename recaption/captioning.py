@@ -1,10 +1,11 @@
 """The caption stage: one actor holding one engine, captioning every ok image × prompt of a unit, surviving faults.
 
 Faults, from the smallest to the largest: a generation that fails alone is an `error` caption; an engine call
-that raises is retried image by image so only the images that raise fail; an engine that kills its process is
-restarted by Ray and the unit retried, up to `max_unit_attempts` (counted in the output dir, so the count survives
+that raises is retried image by image so only the images that raise fail; an engine that is dead (its process died,
+its CUDA context faulted: `EngineDeadError`) ends the actor, as an engine that kills its process does, so Ray
+starts a new actor and retries the unit, up to `max_unit_attempts` (counted in the output dir, so the count survives
 the crash; each run starts by clearing the counts, `OutputDir.prepare`, so a killed driver or Ctrl-C is no engine
-crash), after which the unit's rows are committed as failed.
+crash), after which the unit's rows are committed as failed (and `--retry-failed` can redo them later).
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 
 import pyarrow as pa
 
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
-from recaption.engines.base import Generation
-from recaption.errors import EngineError
+from recaption.engines.base import Generation, engine_dead
+from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError
 from recaption.faults import fault_point
 from recaption.postprocess import clean_caption
+from recaption.redact import redact_text
 from recaption.stages import describe, from_ipc, rows_table, unit_row
 
 log = logging.getLogger(__name__)
@@ -60,9 +64,25 @@ class CaptionStage:
             if row["error"]:
                 out.append(row)
                 continue
-            table = self.caption_unit(row["unit"], from_ipc(row["payload"]))
+            try:
+                table = self.caption_unit(row["unit"], from_ipc(row["payload"]))
+            except EngineDeadError as e:
+                self.end_actor(row["unit"], e)
             out.append(unit_row(row["unit"], row["t_start"], table))
         return rows_table(out)
+
+    def end_actor(self, unit: str, error: EngineDeadError) -> NoReturn:
+        """A dead engine fails no row: this process ends, Ray starts a new actor and retries the unit, which counts
+        as one more attempt at it (`max_unit_attempts`)."""
+        log.error(
+            "model %s: the engine is dead while captioning unit %s (%s); this actor ends so Ray replaces it and the "
+            "unit is retried",
+            self.model.id,
+            unit,
+            redact_text(str(error)),
+        )
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_DEAD)
 
     def caption_unit(self, unit: str, table: pa.Table) -> pa.Table:
         from recaption.errors import ImageError
@@ -153,6 +173,8 @@ class CaptionStage:
         prompts = [rows[i]["captions"][c]["prompt"] for i, c in bad]
         try:
             gens = self.captioner.caption([images[i] for i, _ in bad], [self.prompt_texts[p] for p in prompts], retry)
+        except EngineDeadError:
+            raise
         except Exception:  # the first captions stay, flagged; a failed retry costs nothing more
             log.warning(
                 "model %s: regenerating %d captions failed: %s", self.model.id, len(bad), traceback.format_exc()
@@ -171,7 +193,11 @@ class CaptionStage:
         prompts = [self.prompt_texts[name] for name in names]
         try:
             gens = self.captioner.caption([im for im in images for _ in names], prompts * len(images))
+        except EngineDeadError:
+            raise
         except Exception as e:
+            if engine_dead(e):  # an engine that does not classify its own faults
+                raise EngineDeadError(f"model {self.model.id}: {describe(e)}") from e
             log.warning("model %s raised on %d images: %s", self.model.id, len(images), traceback.format_exc())
             if len(images) == 1:
                 return [describe(e)]

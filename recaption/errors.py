@@ -1,5 +1,7 @@
 """The one exception family: every error a user sees is a RecaptionError with a message they can act on."""
 
+EXIT_ENGINE_DEAD = 75  # the status of a process ended for a dead engine (EX_TEMPFAIL: Ray replaces it, a retry works)
+
 
 class RecaptionError(Exception):
     """Base of all recaption errors; `exit_code` is what the CLI exits with."""
@@ -21,6 +23,11 @@ class InputError(RecaptionError):
 
 class EngineError(RecaptionError):
     """A captioning engine could not be built or failed as a whole."""
+
+
+class EngineDeadError(EngineError):
+    """The engine can serve no more requests (its process died, the GPU faulted): an infrastructure fault, never a
+    failed row. The caption actor ends so Ray starts a new one, and the unit is retried."""
 
 
 class ImageError(RecaptionError):

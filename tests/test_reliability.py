@@ -124,7 +124,10 @@ def test_a_shard_that_becomes_unreadable_after_planning_exits_1_and_is_retried(
     monkeypatch.setattr(plan, "plan_units", real_plan)
     shard.write_bytes(saved)
     assert main(["run", str(path), "--no-progress"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["00000.recaption.json", "00001.recaption.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == [
+        "00000.recaption.json",
+        "00001.recaption.json",
+    ]
     assert "units:    1 run, 1 already done" in capsys.readouterr().out
     assert pads.dataset(str(tmp_path / "out")).count_rows() == 4
 
@@ -138,7 +141,10 @@ def test_part_files_without_a_marker_are_removed_before_readers_see_them(tmp_pat
     (out / "part-00007.recaption.parquet").write_bytes(part)  # no marker: not done
     (out / "_attempts" / "00000.fake.recaption.json").write_text('{"attempts": 1}')  # a stray count of a done unit
     assert run_pipeline(config(tmp_path), progress=False).units_skipped == 2
-    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.recaption.parquet", "part-00001.recaption.parquet"]
+    assert sorted(p.name for p in out.glob("part-*")) == [
+        "part-00000.recaption.parquet",
+        "part-00001.recaption.parquet",
+    ]
     assert not list((out / "_attempts").iterdir())
     assert pads.dataset(str(out), format="parquet").count_rows() == 4
     # Killed between a unit's data and its marker: the part file is there, the marker not. The rerun redoes that

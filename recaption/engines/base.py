@@ -42,6 +42,43 @@ class Captioner(Protocol):
         ...
 
 
+# What a CUDA context says once it is unusable: every later call on it fails too (out-of-memory is not among them:
+# it is recoverable, and the hf engine halves its batch).
+_DEAD_DEVICE_TEXT = (
+    "cuda error",
+    "cublas_status",
+    "cudnn_status",
+    "cudnn error",
+    "device-side assert",
+    "illegal memory access",
+    "nccl error",
+    "uncorrectable ecc",
+    "unspecified launch failure",
+    "cuda driver error",
+)
+
+
+def engine_dead(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the engine is gone rather than that one request failed: vLLM's
+    EngineDeadError (matched by name: its module moved between releases), a dead CUDA context, our EngineDeadError."""
+    from recaption.errors import EngineDeadError
+
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, EngineDeadError) or type(x).__name__ in ("EngineDeadError", "AcceleratorError"):
+            return True
+        text = str(x).lower()
+        if "out of memory" not in text and any(t in text for t in _DEAD_DEVICE_TEXT):
+            return True
+        stack += [x.__cause__, x.__context__]
+    return False
+
+
 def build_captioner(model: ModelConfig) -> Captioner:
     """Builds the engine a model config names. Heavy imports happen here, inside the actor, not at import time."""
     if model.engine == "hf":

@@ -6,8 +6,9 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from recaption.config import GenerationConfig
-from recaption.engines.base import Generation
-from recaption.errors import EngineError
+from recaption.engines.base import Generation, engine_dead
+from recaption.errors import EngineDeadError, EngineError
+from recaption.faults import fault_raise
 from recaption.models import resolve_model
 from recaption.prompts import format_prompt
 
@@ -111,7 +112,11 @@ class HFCaptioner:
             return self._caption_batch(images[:half], prompts[:half], seed) + self._caption_batch(
                 images[half:], prompts[half:], seed + half
             )
+        except EngineDeadError:
+            raise
         except Exception as e:  # one bad request must not fail the others: retry alone, fail only what still fails
+            if engine_dead(e):  # a faulted CUDA context fails every later call too: the actor must be replaced
+                raise EngineDeadError(f"the {self.device} device failed: {type(e).__name__}: {e}") from e
             if len(images) == 1:
                 return [_error(f"{type(e).__name__}: {e}")] * self.gen.n
             return [
@@ -123,6 +128,7 @@ class HFCaptioner:
     def _generate(self, images: list[Image.Image], prompts: list[str], seed: int) -> list[Generation]:
         import torch
 
+        fault_raise("engine:cuda-error", lambda: RuntimeError("CUDA error: an illegal memory access was encountered"))
         texts = [self._format(p) for p in prompts]
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         encoding = self.processor(images=rgb, text=texts, return_tensors="pt", padding=True)

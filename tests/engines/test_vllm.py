@@ -500,3 +500,33 @@ def test_scene_captioner_writes_the_same_captions_on_both_engines(monkeypatch):
     differing = [(i, by_vllm[i].text, by_hf[i].text) for i in range(len(scenes)) if i not in same]
     assert len(same) >= MIN_SCENES_IDENTICAL * len(scenes), differing
     assert scores["vllm"]["object_accuracy"] >= 0.9
+
+
+@vllm_test
+def test_a_killed_engine_core_ends_the_actor_and_the_unit_is_retried_to_every_row_ok(tmp_path, ray_session):
+    """vLLM's engine core (its own process here) is SIGKILLed while it generates the first unit: a `generate` call
+    waiting on it would never return, so the watchdog ends the actor; Ray starts another (a healthy engine), the unit
+    is captioned again, and every row ends `ok`, each once."""
+    from recaption.pipeline import run_pipeline
+
+    keys = write_webdataset_dir(tmp_path / "in", 6, shard_size=3)
+    once = tmp_path / "fault-fired"
+    overrides = [
+        f"input.path={tmp_path / 'in'}",
+        f"output.path={tmp_path / 'out'}",
+        "models.0.prompts=[short]",
+        "models.0.max_unit_attempts=2",
+        # Random weights rarely stop early: 200 tokens keep the engine busy when the kill lands.
+        "generation.max_new_tokens=200",
+        "models.0.env.VLLM_ENABLE_V1_MULTIPROCESSING='1'",  # an engine core process to kill
+        "models.0.env.RECAPTION_FAULT=engine:kill-core",
+        f"models.0.env.RECAPTION_FAULT_ONCE={once}",
+    ]
+    summary = run_pipeline(load_config(DEMO_VLLM, overrides), progress=False)
+    assert once.exists(), "the engine was never killed: the test proves nothing"
+    assert (summary.ok, summary.failed, summary.unit_errors) == (6, 0, {})
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert sorted(r["key"] for r in rows) == keys
+    assert all(r["status"] == "ok" and r["captions"][0]["n_tokens"] > 0 for r in rows)
