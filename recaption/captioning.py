@@ -23,7 +23,7 @@ import pyarrow as pa
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.engines.base import Generation, engine_dead
 from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError
-from recaption.faults import fault_point
+from recaption.faults import fault_point, fault_raise
 from recaption.postprocess import clean_caption
 from recaption.redact import redact_text
 from recaption.stages import describe, from_ipc, rows_table, unit_row
@@ -68,7 +68,7 @@ class CaptionStage:
                 table = self.caption_unit(row["unit"], from_ipc(row["payload"]))
             except EngineDeadError as e:
                 self.end_actor(row["unit"], e)
-            out.append(unit_row(row["unit"], row["t_start"], table))
+            out.append(unit_row(row["unit"], row["t_start"], table, retry=row["retry"]))
         return rows_table(out)
 
     def end_actor(self, unit: str, error: EngineDeadError) -> NoReturn:
@@ -192,6 +192,7 @@ class CaptionStage:
         names = self.model.prompts
         prompts = [self.prompt_texts[name] for name in names]
         try:
+            fault_raise("engine:request-error", lambda: RuntimeError("injected request error"))
             gens = self.captioner.caption([im for im in images for _ in names], prompts * len(images))
         except EngineDeadError:
             raise

@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete an earlier run's output in output.path written with another config",
+        help="delete an earlier run's output in output.path written with another config (only the files runs wrote)",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also caption the failed rows of finished units again (after an OOM, a fixed bug, a bigger GPU); "
+        "each unit's part file is replaced in one step",
     )
     run.set_defaults(func=cmd_run)
 
@@ -194,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recaption.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    summary = run_pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite, retry_failed=args.retry_failed)
     print_summary(summary)
     return 1 if summary.unit_errors else 0
 
@@ -336,7 +342,8 @@ def cmd_convert_sharegpt4v(args: argparse.Namespace) -> int:
 
 def print_summary(s) -> None:
     print(f"output:   {s.output}")
-    print(f"units:    {s.units_done} run, {s.units_skipped} already done, {s.units_total} in total")
+    retried = f" ({s.units_retried} to retry failed rows)" if s.units_retried else ""
+    print(f"units:    {s.units_done} run{retried}, {s.units_skipped} already done, {s.units_total} in total")
     print(f"rows:     {s.rows} ({s.ok} ok, {s.failed} failed, {s.skipped} skipped)")
     print(f"speed:    {s.images_per_s:.1f} images/s, {s.tokens} tokens in {s.seconds:.1f} s")
     for unit, error in s.unit_errors.items():

@@ -23,6 +23,7 @@ POINTS = (
     "retry:before-replace",
     "engine:cuda-error",
     "engine:kill-core",
+    "engine:request-error",
 )
 _visits: dict[str, int] = {}
 _owner: set[str] = set()  # the ONCE files this process created

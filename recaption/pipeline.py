@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 
 from recaption.config import PipelineConfig, content_view
@@ -35,6 +35,7 @@ class RunSummary:
     skipped: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    units_retried: int = 0  # done units whose failed rows were captioned again (--retry-failed)
     unit_errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -43,12 +44,17 @@ class RunSummary:
 
 
 def run_pipeline(
-    cfg: PipelineConfig, progress: bool = True, overwrite: bool = False, on_unit: Callable[[dict], None] | None = None
+    cfg: PipelineConfig,
+    progress: bool = True,
+    overwrite: bool = False,
+    on_unit: Callable[[dict], None] | None = None,
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped.
 
-    An output written with another config is refused unless `overwrite`, which deletes it first. `on_unit` sees each
-    unit's summary row as it is committed (the benchmark times them)."""
+    An output written with another config is refused unless `overwrite`, which deletes it first. With
+    `retry_failed`, the failed rows of done units are captioned again too and replace their rows in place (the other
+    rows are not touched). `on_unit` sees each unit's summary row as it is committed (the benchmark times them)."""
     from recaption.shards.plan import plan_units
 
     prompt_texts = resolve_prompts(cfg)
@@ -64,6 +70,8 @@ def run_pipeline(
         done = out.done_units()
         check_same_config(cfg, out, done)
         todo = [u for u in units if u.unit not in done]
+        if retry_failed:
+            todo += [replace(u, retry=True) for u in units if (done.get(u.unit) or {}).get("failed", 0) > 0]
         summary = RunSummary(output=out.uri, units_total=len(units), units_skipped=len(units) - len(todo))
         if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
             Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
@@ -80,6 +88,7 @@ def run_pipeline(
                         f"unit {row['unit']} not committed: {row['error']}; finished units are kept, rerun to resume"
                     )
                 summary.units_done += 1
+                summary.units_retried += int(row["retry"])
                 if row["error"]:
                     summary.unit_errors[row["unit"]] = row["error"]
                 for k in ("rows", "ok", "failed", "skipped", "tokens"):
@@ -119,7 +128,7 @@ def build_dataset(
         run_as_task,
         fn_kwargs={
             "stage": ReadStage,
-            "kwargs": {"input_cfg": cfg.input.model_dump()},
+            "kwargs": {"input_cfg": cfg.input.model_dump(), "output_path": cfg.output.path},
         },
         num_cpus=cfg.ray.read_num_cpus,
         **common,

@@ -23,7 +23,7 @@ from recaption.writer import OUTPUT_SCHEMA
 log = logging.getLogger(__name__)
 
 PAYLOAD_SCHEMA = OUTPUT_SCHEMA.append(pa.field("image", pa.binary()))
-SUMMARY_FIELDS = ("unit", "rows", "ok", "failed", "skipped", "tokens", "seconds", "error", "fatal")
+SUMMARY_FIELDS = ("unit", "rows", "ok", "failed", "skipped", "tokens", "seconds", "error", "fatal", "retry")
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -37,16 +37,28 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def unit_row(unit: str, t_start: float, table: pa.Table | None, error: str | None = None) -> dict[str, Any]:
-    """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it)."""
-    return {"unit": unit, "t_start": t_start, "payload": to_ipc(table) if table is not None else b"", "error": error}
+def unit_row(
+    unit: str, t_start: float, table: pa.Table | None, error: str | None = None, retry: bool = False
+) -> dict[str, Any]:
+    """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it); `retry`:
+    its rows are the failed rows of a done unit, to be merged into its part file."""
+    payload = to_ipc(table) if table is not None else b""
+    return {"unit": unit, "t_start": t_start, "payload": payload, "error": error, "retry": retry}
+
+
+UNIT_ROW_SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("t_start", pa.float64()),
+        ("payload", pa.large_binary()),
+        ("error", pa.string()),
+        ("retry", pa.bool_()),
+    ]
+)
 
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    schema = pa.schema(
-        [("unit", pa.string()), ("t_start", pa.float64()), ("payload", pa.large_binary()), ("error", pa.string())]
-    )
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=UNIT_ROW_SCHEMA)
 
 
 def describe(exc: BaseException) -> str:
@@ -61,10 +73,12 @@ def run_as_task(batch: pa.Table, stage: type, kwargs: dict) -> pa.Table:
 
 
 class ReadStage:
-    """Reads one unit's records from its shard (CPU task); the caption stage decodes and checks the images."""
+    """Reads one unit's records from its shard (CPU task); the caption stage decodes and checks the images. For a
+    unit to retry, only the records whose rows failed in its committed part file."""
 
-    def __init__(self, input_cfg: dict):
+    def __init__(self, input_cfg: dict, output_path: str | None = None):
         self.input_cfg = InputConfig.model_validate(input_cfg)
+        self.output_path = output_path
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from recaption.shards import WorkUnit
@@ -77,7 +91,10 @@ class ReadStage:
         t_start = time.time()
         rows = []
         try:
+            wanted = self.failed_keys(unit.unit) if unit.retry else None
             for rec in read_unit(unit, self.input_cfg):
+                if wanted is not None and rec.key not in wanted:
+                    continue
                 row = {
                     "key": rec.key,
                     "source": rec.source or unit.source,
@@ -94,8 +111,18 @@ class ReadStage:
         except Exception as e:  # an unreadable shard: the unit is not committed, so a rerun retries it
             where = unit.source or display(unit.uri)
             log.error("unit %s: cannot read %s: %s", unit.unit, where, redact_text(traceback.format_exc()))
-            return unit_row(unit.unit, t_start, None, redact_text(f"cannot read {where}: {describe(e)}"))
-        return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))
+            error = redact_text(f"cannot read {where}: {describe(e)}")
+            return unit_row(unit.unit, t_start, None, error, retry=unit.retry)
+        return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA), retry=unit.retry)
+
+    def failed_keys(self, unit: str) -> set[str]:
+        """Keys of the failed rows in the unit's committed part file."""
+        import pyarrow.compute as pc
+
+        from recaption.writer import open_output
+
+        table = open_output(self.output_path).read_part(unit, columns=["key", "status"])
+        return set(table.filter(pc.equal(table.column("status"), "failed")).column("key").to_pylist())
 
 
 class CommitStage:
@@ -120,16 +147,20 @@ class CommitStage:
         from recaption.writer import unit_stats
 
         summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": False}
+        summary["retry"] = row["retry"]
         if row["error"]:
             return summary
         table = from_ipc(row["payload"])
         stats = unit_stats(table, time.time() - row["t_start"], self.run_meta["config_hash"])
+        commit = self.out.commit_unit
+        if row["retry"]:
+            commit = self.out.replace_rows  # the retried rows replace their failed rows in the unit's part file
         try:
             refused = with_retries(lambda: check_holder(self.out, self.run_id), "reading the output lease")
             if refused:
                 return summary | {"error": f"{refused}; this run may not write here any more", "fatal": True}
             with_retries(
-                lambda: self.out.commit_unit(row["unit"], table, self.run_meta, stats, self.compression),
+                lambda: commit(row["unit"], table, self.run_meta, stats, self.compression),
                 f"committing unit {row['unit']}",
             )
             for model_id in self.model_ids:

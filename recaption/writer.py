@@ -249,6 +249,31 @@ class OutputDir:
         fault_point("commit:after-data")
         self.write_json(self.marker_path(unit), {**stats, "unit": unit, "committed_at": time.time()})
 
+    def read_part(self, unit: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open_input_file(self.path(self.part_name(unit))) as f:
+            return pq.read_table(f, columns=columns)
+
+    def replace_rows(self, unit: str, table: pa.Table, run_meta: dict, stats: dict, compression: str) -> None:
+        """A done unit's part file with the rows of `table` in place of the rows with their keys, replaced in one
+        atomic step (rename; one PUT on object stores): a kill leaves the old file or the new one, and the unit's
+        marker, which exists throughout, is rewritten after with the new counts."""
+        merged = merge_rows(self.read_part(unit), table)
+        merged = merged.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
+        buf = io.BytesIO()
+        pq.write_table(merged, buf, compression=None if compression == "none" else compression)
+        self.write_atomic(self.path(self.part_name(unit)), buf.getvalue(), fault="retry:before-replace")
+        previous = json.loads(self.read_bytes(self.marker_path(unit)))
+        counts = unit_stats(merged, previous.get("seconds", 0.0) + stats["seconds"], stats["config_hash"])
+        retried = {"retried_rows": previous.get("retried_rows", 0) + table.num_rows, "retried_at": time.time()}
+        self.write_json(self.marker_path(unit), {**previous, **counts, **retried})
+
+
+def merge_rows(old: pa.Table, new: pa.Table) -> pa.Table:
+    """`old` with each row whose key is in `new` replaced by that row, in old's order (keys are unique in a unit)."""
+    replacement = {row["key"]: row for row in new.select(OUTPUT_SCHEMA.names).to_pylist()}
+    rows = [replacement.get(row["key"], row) for row in old.select(OUTPUT_SCHEMA.names).to_pylist()]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
 
 def is_legacy_part(name: str) -> bool:
     """A part file name of an output written before layout 2 (which had no owner record)."""

@@ -35,14 +35,18 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def start(config: Path, fault: str | None, log: Path) -> subprocess.Popen:
+def start(config: Path, fault: str | None, log: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RECAPTION_FAULT")}
     if fault:
         env["RECAPTION_FAULT"] = fault
     exe = Path(sys.executable).with_name("recaption")
     with log.open("ab") as out:
         return subprocess.Popen(
-            [str(exe), "run", str(config), "--no-progress"], env=env, stdout=out, stderr=out, start_new_session=True
+            [str(exe), "run", str(config), "--no-progress", *args],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
 
 
@@ -111,7 +115,7 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
     assert sorted(final) == sorted(keys) and len(final) == len(set(final))
     statuses = pads.dataset(str(out), format="parquet").to_table(columns=["status"]).column("status").to_pylist()
     assert set(statuses) == {"ok"}, log.read_text()[-3000:]  # no kill was counted as an engine crash
-    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".recaption-tmp-")]
     markers = {p.name.removesuffix(".recaption.json") for p in (out / "_done").iterdir()}
     parts = {p.name.removeprefix("part-").removesuffix(".recaption.parquet") for p in out.glob("part-*.parquet")}
     assert len(markers) == N_IMAGES // SHARD_SIZE and parts == markers

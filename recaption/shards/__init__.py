@@ -16,6 +16,7 @@ class WorkUnit:
     start: int = 0
     stop: int | None = None  # None: to the end of the shard
     members: tuple[str, ...] = ()  # folder inputs: the image files (relative to the input root) of this unit
+    retry: bool = False  # a done unit whose failed rows are captioned again (`recaption run --retry-failed`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
