@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.engines.base import Generation, engine_dead
-from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError
+from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError, OutputWriteError
 from recaption.faults import fault_point, fault_raise
 from recaption.postprocess import clean_caption
 from recaption.redact import redact_text
@@ -68,6 +68,9 @@ class CaptionStage:
                 table = self.caption_unit(row["unit"], from_ipc(row["payload"]))
             except EngineDeadError as e:
                 self.end_actor(row["unit"], e)
+            except OutputWriteError as e:  # no unit can be committed now: the driver stops the run
+                out.append(unit_row(row["unit"], row["t_start"], None, str(e), retry=row["retry"], fatal=True))
+                continue
             out.append(unit_row(row["unit"], row["t_start"], table, retry=row["retry"]))
         return rows_table(out)
 
@@ -235,7 +238,10 @@ class CaptionStage:
         is this run's: `OutputDir.prepare` clears what a killed run left."""
         path = self.out.attempts_path(unit, self.model.id)
         previous = 0
-        if self.out.fs.get_file_info(path).is_file:
-            previous = json.loads(self.out.read_bytes(path))["attempts"]
-        self.out.write_json(path, {"attempts": previous + 1, "model": self.model.id, "unit": unit})
+        try:
+            if self.out.fs.get_file_info(path).is_file:
+                previous = json.loads(self.out.read_bytes(path))["attempts"]
+            self.out.write_json(path, {"attempts": previous + 1, "model": self.model.id, "unit": unit})
+        except OSError as e:
+            raise OutputWriteError(redact_text(f"cannot write the output {self.out.uri}: {e}")) from e
         return previous + 1

@@ -7,17 +7,25 @@ import logging
 import sys
 
 from recaption.errors import RecaptionError
+from recaption.redact import install_log_redaction, redact_text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    install_log_redaction()
     try:
         return args.func(args) or 0
     except RecaptionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, no permission, a store that is down: one line, the traceback with --verbose
+        if args.verbose:
+            logging.exception("the run stopped on an operating-system error")
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {redact_text(f'{e.strerror or e}{where}')}: fix it and rerun to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume; finished units are kept", file=sys.stderr)
         return 130

@@ -30,5 +30,9 @@ class EngineDeadError(EngineError):
     failed row. The caption actor ends so Ray starts a new one, and the unit is retried."""
 
 
+class OutputWriteError(RecaptionError):
+    """The output directory cannot be written (full disk, no permission): no unit can be committed."""
+
+
 class ImageError(RecaptionError):
     """One image could not be used; it becomes a `failed` row with this message as its `error`."""

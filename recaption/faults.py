@@ -24,6 +24,7 @@ POINTS = (
     "engine:cuda-error",
     "engine:kill-core",
     "engine:request-error",
+    "commit:enospc",
 )
 _visits: dict[str, int] = {}
 _owner: set[str] = set()  # the ONCE files this process created

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 
@@ -15,7 +15,7 @@ from recaption.config import PipelineConfig, content_view
 from recaption.errors import ConfigError, RecaptionError
 from recaption.lease import Lease
 from recaption.progress import Progress
-from recaption.redact import redact_config
+from recaption.redact import redact_config, redact_text
 from recaption.writer import RUN_INFO, open_output
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def run_pipeline(
         start = time.time()
         ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements, lease.run_id)
         with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
-            for row in ds.iter_rows():
+            for row in iter_units(ds):
                 if row["fatal"]:  # the output cannot take more (disk full, no permission, lease lost): stop now
                     raise RecaptionError(
                         f"unit {row['unit']} not committed: {row['error']}; finished units are kept, rerun to resume"
@@ -100,6 +100,26 @@ def run_pipeline(
                 lease.check()
         summary.seconds = time.time() - start
         return summary
+
+
+def iter_units(ds) -> Iterator[dict]:
+    """The committed units' summaries; a stage that raises ends the run in one line naming the root cause."""
+    from ray.exceptions import RayError
+
+    try:
+        yield from ds.iter_rows()
+    except RayError as e:
+        cause: BaseException = e
+        while True:
+            inner = getattr(cause, "cause", None) or cause.__cause__
+            if inner is None or inner is cause:
+                break
+            cause = inner
+        text = " ".join(str(cause).split())[:500]
+        raise RecaptionError(
+            f"the run stopped: {type(cause).__name__}: {redact_text(text)} (finished units are kept; rerun to resume, "
+            "--verbose for details)"
+        ) from e
 
 
 def place_models(cfg: PipelineConfig) -> list[dict]:
@@ -175,6 +195,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled": we disabled them, our own progress line replaces them.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def resolve_prompts(cfg: PipelineConfig) -> dict[str, str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+log = logging.getLogger(__name__)
 PROGRESS_FILE = "_progress.json"
 UNIT_COUNTS = ("rows", "ok", "failed", "skipped", "tokens")
 UNIT_RATES = {"images_per_s": "rows", "tokens_per_s": "tokens"}
@@ -52,6 +54,7 @@ class Progress:
         self.start, self.started_at = clock(), time.time()
         self.last_line: float | None = None
         self.closed = False
+        self.write_failed = False
         self.bar = None
         if enabled and self.tty:
             from tqdm import tqdm
@@ -162,7 +165,12 @@ class Progress:
     def _write_state(self, finished: bool, stopped: bool = False) -> dict[str, Any]:
         state = self.snapshot() | {"finished": finished, "stopped": stopped}
         if self.output is not None:
-            self.output.write_json(self.output.path(PROGRESS_FILE), state)
+            try:
+                self.output.write_json(self.output.path(PROGRESS_FILE), state)
+            except OSError as e:  # the view is not worth a run: say it once, the run ends on its own errors
+                if not self.write_failed:
+                    log.warning("cannot update %s: %s", PROGRESS_FILE, e)
+                self.write_failed = True
         return state
 
 

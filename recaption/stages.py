@@ -38,12 +38,18 @@ def from_ipc(data: bytes) -> pa.Table:
 
 
 def unit_row(
-    unit: str, t_start: float, table: pa.Table | None, error: str | None = None, retry: bool = False
+    unit: str,
+    t_start: float,
+    table: pa.Table | None,
+    error: str | None = None,
+    retry: bool = False,
+    fatal: bool = False,
 ) -> dict[str, Any]:
-    """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it); `retry`:
-    its rows are the failed rows of a done unit, to be merged into its part file."""
+    """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it), `fatal` that
+    no later unit can be either (the output cannot be written); `retry`: its rows are the failed rows of a done
+    unit, to be merged into its part file."""
     payload = to_ipc(table) if table is not None else b""
-    return {"unit": unit, "t_start": t_start, "payload": payload, "error": error, "retry": retry}
+    return {"unit": unit, "t_start": t_start, "payload": payload, "error": error, "retry": retry, "fatal": fatal}
 
 
 UNIT_ROW_SCHEMA = pa.schema(
@@ -53,6 +59,7 @@ UNIT_ROW_SCHEMA = pa.schema(
         ("payload", pa.large_binary()),
         ("error", pa.string()),
         ("retry", pa.bool_()),
+        ("fatal", pa.bool_()),
     ]
 )
 
@@ -110,8 +117,9 @@ class ReadStage:
                 rows.append(row)
         except Exception as e:  # an unreadable shard: the unit is not committed, so a rerun retries it
             where = unit.source or display(unit.uri)
-            log.error("unit %s: cannot read %s: %s", unit.unit, where, redact_text(traceback.format_exc()))
             error = redact_text(f"cannot read {where}: {describe(e)}")
+            log.warning("unit %s: %s", unit.unit, error)  # one line; the summary says it again
+            log.debug("unit %s: %s", unit.unit, redact_text(traceback.format_exc()))
             return unit_row(unit.unit, t_start, None, error, retry=unit.retry)
         return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA), retry=unit.retry)
 
@@ -146,7 +154,7 @@ class CommitStage:
         from recaption.retry import with_retries
         from recaption.writer import unit_stats
 
-        summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": False}
+        summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": row["fatal"]}
         summary["retry"] = row["retry"]
         if row["error"]:
             return summary
@@ -166,6 +174,7 @@ class CommitStage:
             for model_id in self.model_ids:
                 self.out.delete_if_exists(self.out.attempts_path(row["unit"], model_id))
         except OSError as e:  # a full disk, no permission, a store that stays down: no later unit would fare better
-            log.error("unit %s: cannot write the output: %s", row["unit"], redact_text(traceback.format_exc()))
-            return summary | {"error": redact_text(f"cannot write the output {self.out.uri}: {e}"), "fatal": True}
+            error = redact_text(f"cannot write the output {self.out.uri}: {e}")
+            log.debug("unit %s: %s", row["unit"], redact_text(traceback.format_exc()))
+            return summary | {"error": error, "fatal": True}
         return summary | {k: stats[k] for k in SUMMARY_FIELDS if k in stats}

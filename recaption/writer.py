@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
@@ -14,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recaption.errors import ConfigError, InputError
-from recaption.faults import fault_point
+from recaption.faults import fault_point, fault_raise
 from recaption.redact import strip_credentials
 
 CAPTION_TYPE = pa.struct(
@@ -134,7 +135,7 @@ class OutputDir:
         entries = self._entries() if info.type == pafs.FileType.Directory else []
         if entries:
             names = sorted(e.base_name for e in entries)
-            if DONE_DIR in names or RUN_INFO in names:
+            if RUN_INFO in names and self._legacy_run_info():
                 raise ConfigError(
                     f"output.path {self.uri} was written by an older recaption (part-*.parquet names, no "
                     f"{OWNER_FILE}); it stays readable, but a run needs a new output.path"
@@ -147,6 +148,12 @@ class OutputDir:
         self.fs.create_dir(self.root, recursive=True)
         record = {"tool": "recaption", "kind": OUTPUT_KIND, "layout": LAYOUT, "created_at": time.time()}
         self.write_json(self.path(OWNER_FILE), record)
+
+    def _legacy_run_info(self) -> bool:
+        try:
+            return "config_hash" in json.loads(self.read_bytes(self.path(RUN_INFO)))
+        except (OSError, ValueError, TypeError):
+            return False
 
     def _entries(self) -> list[pafs.FileInfo]:
         return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
@@ -180,6 +187,7 @@ class OutputDir:
         for info in markers:
             if info.is_file and unit_of_marker(info.base_name) is not None:
                 self.fs.delete_file(info.path)
+        fault_point("overwrite:after-markers")
         for info in self._entries():
             if info.is_file and unit_of_part(info.base_name) is not None:
                 self.fs.delete_file(info.path)
@@ -239,6 +247,7 @@ class OutputDir:
         """Writes the unit's Parquet, then its done marker: the marker is only ever written after the data. A unit
         without rows (an img2dataset shard whose downloads all failed) is a file with the schema and no row group,
         which every Parquet reader takes as empty (an empty row group breaks `datasets`)."""
+        fault_raise("commit:enospc", lambda: OSError(errno.ENOSPC, "No space left on device"))
         table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
         buf = io.BytesIO()
