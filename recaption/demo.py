@@ -4,6 +4,7 @@ the scenes' truth; with `--train`, a tiny corner-token CLIP trained on those cap
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -28,6 +29,10 @@ def find_pipeline(name: str) -> Path:
         if path.is_file():
             return path
     raise ConfigError(f"pipelines/{name} not found; run from a recaption checkout (git clone …; pip install -e .)")
+
+
+# The files write_demo_shards writes (img2dataset's layout): the only ones the demo deletes from its input.
+DEMO_SHARD_FILE = re.compile(r"\d{5}(\.tar|\.parquet|_stats\.json)")
 
 
 def write_demo_shards(input_dir: Path, n_images: int) -> list[str]:
@@ -69,20 +74,25 @@ def read_truths(input_dir: Path) -> dict[str, dict[str, Any]]:
     return truths
 
 
-def prepare_demo_dir(out: Path, n_images: int, config_hash: str) -> tuple[Path, Path]:
-    """Input and output dirs under `out`; another size starts the demo over, another pipeline config (a model
-    override) starts the output over, a rerun of the same resumes."""
+def prepare_demo_dir(out: Path, n_images: int, config_hash: str) -> tuple[Path, Path, bool]:
+    """Input and output dirs under `out`, and whether the output must start over: another size starts the demo
+    over, another pipeline config (a model override) the output, a rerun of the same resumes. `out` must be new,
+    empty or a demo directory (its `demo.json`); the demo deletes only the shards it generated, and an output it
+    starts over is cleared by the run itself (`--overwrite`: only files runs wrote)."""
     input_dir, output_dir, stamp = out / "input", out / "output", out / "demo.json"
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not stamp.is_file()):
+        raise ConfigError(f"--out {out} is not empty and is not a demo directory (no demo.json); choose a new one")
     previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
     scenes = {"images": n_images, "first_seed": DEMO_SEED, "max_objects": MAX_OBJECTS, "pixels": SCENE_PIXELS}
     if previous.get("scenes") != scenes:
-        shutil.rmtree(input_dir, ignore_errors=True)
+        for old in input_dir.glob("*"):
+            if DEMO_SHARD_FILE.fullmatch(old.name):
+                old.unlink()
         write_demo_shards(input_dir, n_images)
-    if previous.get("scenes") != scenes or previous.get("config") != config_hash:
-        shutil.rmtree(output_dir, ignore_errors=True)
+    start_over = previous.get("scenes") != scenes or previous.get("config") != config_hash
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"scenes": scenes, "config": config_hash}))
-    return input_dir, output_dir
+    return input_dir, output_dir, start_over
 
 
 def demo_config(input_dir: Path, output_dir: Path, overrides: list[str]):
@@ -130,13 +140,13 @@ def run_demo(
         raise ConfigError(f"--images must be at least 1, got {n_images}")
     out_dir = Path(out)
     cfg, note = demo_config(out_dir / "input", out_dir / "output", list(overrides))
-    input_dir, output_dir = prepare_demo_dir(out_dir, n_images, cfg.hash())
+    input_dir, output_dir, start_over = prepare_demo_dir(out_dir, n_images, cfg.hash())
     model = cfg.models[0]
     prompt = model.prompts[0]
     if note:
         print(f"note: {note}")
     print(f"demo: {n_images} generated scenes in {input_dir}, captioned by {model.id} (prompt {prompt})")
-    summary = run_pipeline(cfg, progress=progress)
+    summary = run_pipeline(cfg, progress=progress, overwrite=start_over and output_dir.exists())
     print_summary(summary)
     truths = read_truths(input_dir)
     print_samples(output_dir, truths)

@@ -115,16 +115,28 @@ def test_demo_falls_back_to_tiny_llava_only_when_its_captioner_is_missing(tmp_pa
 
 
 def test_prepare_demo_dir_resumes_and_starts_over_when_size_or_config_change(tmp_path):
-    input_dir, output_dir = prepare_demo_dir(tmp_path, 4, "hash-a")
-    assert len(read_truths(input_dir)) == 4
+    input_dir, output_dir, start_over = prepare_demo_dir(tmp_path, 4, "hash-a")
+    assert len(read_truths(input_dir)) == 4 and start_over
     output_dir.mkdir()
     (output_dir / "part-x.parquet").write_text("kept on a rerun")
-    prepare_demo_dir(tmp_path, 4, "hash-a")
+    (input_dir / "notes.txt").write_text("the user's")
+    assert prepare_demo_dir(tmp_path, 4, "hash-a")[2] is False
     assert (output_dir / "part-x.parquet").is_file()
-    prepare_demo_dir(tmp_path, 4, "hash-b")  # another model or generation setting: the output starts over
-    assert not output_dir.exists() and len(read_truths(input_dir)) == 4
-    prepare_demo_dir(tmp_path, 6, "hash-b")  # another size: new scenes
-    assert len(read_truths(input_dir)) == 6
+    # Another model or generation setting: the output starts over, cleared by the run (only files runs wrote).
+    assert prepare_demo_dir(tmp_path, 4, "hash-b")[2] is True
+    assert (output_dir / "part-x.parquet").is_file()
+    prepare_demo_dir(tmp_path, 6, "hash-b")  # another size: new scenes; only the demo's own shards are replaced
+    assert len(read_truths(input_dir)) == 6 and (input_dir / "notes.txt").read_text() == "the user's"
+
+
+def test_the_demo_refuses_a_directory_that_is_not_its_own(tmp_path, capsys):
+    from recaption.cli import main
+
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "photo.jpg").write_bytes(b"mine")
+    assert main(["demo", "--out", str(tmp_path), "--images", "2"]) == 2
+    assert "is not a demo directory" in capsys.readouterr().err
+    assert (tmp_path / "input" / "photo.jpg").read_bytes() == b"mine" and not (tmp_path / "demo.json").exists()
 
 
 @pytest.mark.parametrize("old_stamp", [{"images": 4}, {}])
@@ -132,7 +144,7 @@ def test_prepare_demo_dir_replaces_shards_of_an_older_demo_without_truths(tmp_pa
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "00000.tar").write_bytes(b"")
     (tmp_path / "demo.json").write_text(json.dumps(old_stamp))
-    input_dir, _ = prepare_demo_dir(tmp_path, 4, "h")
+    input_dir, _, _ = prepare_demo_dir(tmp_path, 4, "h")
     assert len(read_truths(input_dir)) == 4
 
 

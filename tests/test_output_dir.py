@@ -271,3 +271,16 @@ def test_a_real_full_disk(tmp_path, small_disk, ray_session, capfd):
     assert main(["run", config, "--no-progress", *override]) == 0
     seen = output_keys(small_disk / "out")
     assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
+
+
+def test_a_resume_with_the_input_written_another_way_is_the_same_config(tmp_path, ray_session, monkeypatch, capsys):
+    write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    config = write_config(tmp_path)
+    assert main(["run", config, "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    for path in ("in/", "./in", f"{tmp_path}/in/", "in//"):
+        capsys.readouterr()
+        assert main(["run", config, "--no-progress", "--set", f"input.path={path}", "--set", "output.path=out/"]) == 0
+        assert "units:    0 run, 2 already done" in capsys.readouterr().out
+    assert main(["run", config, "--no-progress", "--set", "input.max_units=1"]) == 0
+    assert "units:    0 run, 1 already done, 1 in total" in capsys.readouterr().out

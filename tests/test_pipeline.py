@@ -292,3 +292,31 @@ def test_recaption_run_joins_a_separate_ray_through_ray_address(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     table = check_contract(tmp_path / "out", keys, n_captions=1)
     assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_an_output_with_an_empty_unit_and_failed_rows_loads_in_every_reader(tmp_path, ray_session):
+    """An img2dataset shard whose downloads all failed is an empty tar: its unit is a Parquet file without row groups
+    (an empty row group breaks `datasets`); failed rows are rows like the others."""
+    import datasets
+    import duckdb
+
+    keys = write_webdataset_dir(tmp_path / "in", 4, shard_size=2)
+    with tarfile.open(tmp_path / "in" / "00002.tar", "w"):
+        pass  # no members
+    with (tmp_path / "in" / "00001.tar").open("r+b") as f:  # one image of unit 00001 corrupt: a failed row
+        data = bytearray(f.read())
+        at = data.index(b"\xff\xd8")  # the first JPEG of the shard
+        data[at : at + 64] = b"\0" * 64
+        f.seek(0)
+        f.write(data)
+    out = tmp_path / "out"
+    summary = run_pipeline(make_config(tmp_path / "in", out), progress=False)
+    assert (summary.units_done, summary.rows, summary.failed) == (3, 4, 1)
+    assert pq.ParquetFile(out / "part-00002.recaption.parquet").metadata.num_row_groups == 0
+    assert sorted(pads.dataset(str(out), format="parquet").to_table().column("key").to_pylist()) == keys
+    hf = datasets.load_dataset(
+        "parquet", data_files=str(out / "*.parquet"), split="train", cache_dir=str(tmp_path / "c")
+    )
+    assert sorted(hf["key"]) == keys and sorted(hf["status"]) == ["failed", "ok", "ok", "ok"]
+    counts = duckdb.sql(f"select status, count(*) from read_parquet('{out}/*.parquet') group by status order by 1")
+    assert counts.fetchall() == [("failed", 1), ("ok", 3)]
