@@ -107,7 +107,7 @@ def test_build_dataset_gives_each_caption_pool_its_placement(monkeypatch):
     }
     cfg = load_config(None, data=data)
     placements = [actor_options(m, NODES) for m in cfg.models]
-    build_dataset(cfg, [], {"detailed": "d"}, {}, placements)
+    build_dataset(cfg, [], {"detailed": "d"}, {}, placements, "run-id")
     stages = [kw for fn, kw in plan.calls if fn is CaptionStage]
     assert len(stages) == 2
     for kw, placement in zip(stages, placements, strict=True):
