@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaption.config import InputConfig
+from recaption.retry import is_transient
 from recaption.shards import SourceRecord, WorkUnit
 from recaption.shards.fs import join, open_input, open_output
 
@@ -113,6 +114,8 @@ def read_samples(stream: IO[bytes] | pa.NativeFile, source: str) -> Iterator[Sou
             # data ended at a member boundary, which tarfile takes silently for the end.
             ended = tf.fileobj.tell() - tf.offset >= _BLOCK
     except _STREAM_ERRORS as e:
+        if is_transient(e):
+            raise  # the connection, not the shard: read_unit reads the unit again
         yield _truncated(source, sample.key if sample else None, n, e)
         return
     if sample is not None:
