@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from recaption.config import InputConfig
 from recaption.retry import is_transient
 from recaption.shards import SourceRecord, WorkUnit
-from recaption.shards.fs import join, open_input, open_output
+from recaption.shards.fs import atomic_output, join, open_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MAX_MEMBER_BYTES = 256 << 20  # one image member larger than this is refused, not read into memory
@@ -160,7 +160,9 @@ def write_webdataset(
 def _write_shard(out_dir: str, name: str, samples: list[Mapping], sidecars: bool) -> str:
     uri = join(out_dir, name + ".tar")
     rows = []
-    with open_output(uri) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+    # PAX: member names of any length and any characters (USTAR refuses names over 100 bytes); written under a
+    # temporary name and renamed, so a failure part-way never leaves a partial tar.
+    with atomic_output(uri) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for s in samples:
             key = s["key"]
             ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in s)
@@ -176,10 +178,10 @@ def _write_shard(out_dir: str, name: str, samples: list[Mapping], sidecars: bool
             {c: [str(r[c]) if r[c] is not None else None for r in rows] for c in ("key", "url", "caption")}
         )
         table = table.append_column("status", pa.array(["success"] * len(rows)))
-        with open_output(join(out_dir, name + ".parquet")) as out:
+        with atomic_output(join(out_dir, name + ".parquet")) as out:
             pq.write_table(table, out)
         stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0}
-        with open_output(join(out_dir, name + "_stats.json")) as out:
+        with atomic_output(join(out_dir, name + "_stats.json")) as out:
             out.write(json.dumps(stats, indent=4).encode())
     return uri
 
