@@ -23,7 +23,7 @@ from recaption.config import ImageConfig
 from recaption.errors import ConfigError, RecaptionError
 from recaption.inspect import find_unit, iter_batches, part_paths, png_bytes, run_metadata, source_units, unit_images
 from recaption.redact import redact_text
-from recaption.shards.fs import atomic_output, display, join, resolve
+from recaption.shards.fs import TMP_PREFIX, atomic_output, display, join, resolve
 from recaption.writer import OutputDir, open_output
 
 FORMATS = ("webdataset", "hf", "jsonl")
@@ -257,23 +257,32 @@ def export_hf(
     out: OutputDir, dest: str, include_failed: bool, caption: str, shard_size: int, input_path: str | None
 ) -> dict[str, Any]:
     """A `datasets.save_to_disk` directory (`load_from_disk(dest)`, then `.push_to_hub(repo)`), written through a
-    temporary Arrow cache beside `dest`, so memory holds one writer batch; failed rows have `image` None."""
+    temporary Arrow cache beside `dest`, so memory holds one writer batch; failed rows have `image` None. The
+    dataset is saved in that temporary directory too and renamed to `dest` when whole."""
     import datasets
     import pyarrow.compute as pc
 
     dest_path = Path(dest.removeprefix("file://"))
     dest_path.parent.mkdir(parents=True, exist_ok=True)
-    cache = tempfile.mkdtemp(prefix=f".{dest_path.name}-cache-", dir=dest_path.parent)
+    work = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest_path.name}-", dir=dest_path.parent))
     kwargs = {"output": out.root, "fs": out.fs, "include_failed": include_failed, "caption": caption}
     try:
         ds = datasets.Dataset.from_generator(
-            _hf_rows, features=hf_features(), cache_dir=cache, gen_kwargs={**kwargs, "input_path": input_path}
+            _hf_rows,
+            features=hf_features(),
+            cache_dir=str(work / "cache"),
+            gen_kwargs={**kwargs, "input_path": input_path},
         )
-        ds.save_to_disk(str(dest_path), max_shard_size="500MB")
+        ds.save_to_disk(str(work / "dataset"), max_shard_size="500MB")
         rows, images = ds.num_rows, pc.sum(pc.equal(ds.data.column("status"), "ok")).as_py() or 0
         del ds  # its cache files are removed below
+        os.replace(work / "dataset", dest_path)  # onto a missing or empty directory (check_dest saw to it)
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, RecaptionError | OSError):
+            raise e.__cause__ from None  # what went wrong, not the wrapper of `datasets`
+        raise
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "images": images, "files": sorted(str(p) for p in dest_path.iterdir())}
 
 

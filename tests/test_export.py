@@ -100,7 +100,7 @@ def test_hf_dataset_loads_with_images_and_captions(captioned, tmp_path):
     assert (summary["rows"], summary["images"]) == (7, 6)
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert isinstance(ds.features["image"], datasets.Image) and ds.num_rows == 7
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf-cache-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     for got in ds:
         row = rows[got["key"]]
         assert got["captions"] == row["captions"] and got["status"] == row["status"]
@@ -218,6 +218,10 @@ def test_a_failed_export_leaves_no_partial_tar(captioned, tmp_path):
                                "--input", str(moved), "--include-failed")  # fmt: skip
     assert code == 1 and stderr.count("\n") == 1 and "is not the one captioned" in stderr
     assert list((tmp_path / "wds").iterdir()) == []  # no partial tar, no temporary file, no failed.jsonl
+    code, _, stderr = cli("export", str(root / "out"), "--to", "hf", str(tmp_path / "hf"), "--input", str(moved))
+    last = stderr.splitlines()[-1]  # after the progress bar of `datasets`
+    assert code == 1 and last.startswith("error: ") and "is not the one captioned" in last and "Traceback" not in stderr
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".recaption-tmp-*"))
     code, _, stderr = cli("export", str(root / "out"), "--to", "jsonl", str(tmp_path / "x.jsonl"), "--caption", "x/y")
     assert code == 2 and not (tmp_path / "x.jsonl").exists() and not list(tmp_path.glob(".recaption-tmp-*"))
 
