@@ -113,7 +113,7 @@ def select_rows(
     keys = list(dict.fromkeys(keys))
     rng, reservoir, seen = random.Random(seed), [], 0
     for batch in iter_batches(out, columns=["unit", "key"]) if sample > 0 else ():
-        for ident in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+        for ident in zip(batch.column("unit").to_pylist(), batch.column("key").to_pylist(), strict=True):
             if unit is not None and ident[0] != unit:
                 continue
             seen += 1
