@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print rows' captions beside their metadata; save their images as PNG")
     inspect.add_argument("output", help="the output directory of a run")
     inspect.add_argument("--key", action="append", default=[], metavar="K", help="a row's key (repeatable)")
+    inspect.add_argument("--unit", metavar="U", help="only rows of work unit U (a key may be in several units)")
     inspect.add_argument("--sample", type=int, default=0, metavar="N", help="N rows chosen at random")
     inspect.add_argument("--seed", type=int, default=0, help="seed of --sample")
     inspect.add_argument("--out", metavar="DIR", help="where the PNGs and index.html go (default OUTPUT/_inspect)")
@@ -312,7 +313,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from recaption.inspect import inspect_output
 
     inspect_output(
-        args.output, keys=args.key, sample=args.sample, seed=args.seed, out_dir=args.out, input_path=args.input
+        args.output,
+        keys=args.key,
+        sample=args.sample,
+        seed=args.seed,
+        out_dir=args.out,
+        input_path=args.input,
+        unit=args.unit,
     )
     return 0
 
@@ -330,6 +337,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         input_path=args.input,
     )
     print(f"exported {result['rows']} rows as {result['format']} to {result['dest']}")
+    if result.get("renamed"):
+        print(f"{result['renamed']} samples named KEY@UNIT: their key is in more than one unit (see the README)")
     return 0
 
 

@@ -10,6 +10,7 @@ import random
 import re
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import IO
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from recaption.config import ImageConfig, InputConfig
 from recaption.errors import InputError, RecaptionError
 from recaption.shards import WorkUnit
+from recaption.shards.fs import display
 from recaption.writer import METADATA_KEY, OutputDir, open_output
 
 INSPECT_DIR = "_inspect"
@@ -54,7 +56,7 @@ def source_units(out: OutputDir, input_path: str | None = None) -> tuple[InputCo
     if input_path:
         raw["path"] = input_path
     if not raw.get("path"):
-        raise InputError(f"{out.root}: the run metadata names no input path; pass the input's path (--input)")
+        raise InputError(f"{out.uri}: the run metadata names no input path; pass the input's path (--input)")
     input_cfg = InputConfig.model_validate({**raw, "max_units": None})
     return input_cfg, {u.unit: u for u in plan_units(input_cfg)}
 
@@ -77,7 +79,9 @@ def unit_images(input_cfg: InputConfig, unit: WorkUnit, wanted: set[str] | None 
 
 def find_unit(units: dict[str, WorkUnit], unit: str, input_cfg: InputConfig) -> WorkUnit:
     if unit not in units:
-        raise InputError(f"unit {unit} is not in the input {input_cfg.path} any more; pass the input's path (--input)")
+        raise InputError(
+            f"unit {unit} is not in the input {display(input_cfg.path)} any more; pass the input's path (--input)"
+        )
     return units[unit]
 
 
@@ -100,24 +104,43 @@ def safe_name(key: str) -> str:
     return f"{safe[:150].lstrip('.') or 'image'}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def select_rows(out: OutputDir, keys: Iterable[str] = (), sample: int = 0, seed: int = 0) -> list[dict]:
-    """The rows with `keys` (in that order) plus `sample` rows chosen uniformly (reservoir, reproducible by seed)."""
+def select_rows(
+    out: OutputDir, keys: Iterable[str] = (), sample: int = 0, seed: int = 0, unit: str | None = None
+) -> list[dict]:
+    """Every row with one of `keys` (in that order; a key that several units hold gives a row per unit, sorted by
+    unit), plus `sample` rows chosen uniformly (reservoir, reproducible by seed); with `unit`, rows of that unit
+    only. A row is one (unit, key): keys are unique within a unit, not across units."""
     keys = list(dict.fromkeys(keys))
     rng, reservoir, seen = random.Random(seed), [], 0
-    for batch in iter_batches(out, columns=["key"]) if sample > 0 else ():
-        for key in batch.column(0).to_pylist():
+    for batch in iter_batches(out, columns=["unit", "key"]) if sample > 0 else ():
+        for ident in zip(batch.column("unit").to_pylist(), batch.column("key").to_pylist(), strict=True):
+            if unit is not None and ident[0] != unit:
+                continue
             seen += 1
             if len(reservoir) < sample:
-                reservoir.append(key)
+                reservoir.append(ident)
             elif (j := rng.randrange(seen)) < sample:
-                reservoir[j] = key
-    wanted = keys + [k for k in reservoir if k not in keys]
+                reservoir[j] = ident
+    wanted = keys + [k for _, k in reservoir]
     dataset = pads.dataset(part_paths(out), filesystem=out.fs, format="parquet")
-    found = {row["key"]: row for row in dataset.to_table(filter=pc.field("key").isin(wanted)).to_pylist()}
-    missing = [k for k in keys if k not in found]
+    by_key: dict[str, list[dict]] = {}
+    for row in dataset.to_table(filter=pc.field("key").isin(wanted)).to_pylist():
+        by_key.setdefault(row["key"], []).append(row)
+    missing = [k for k in keys if k not in by_key]
     if missing:
-        raise RecaptionError(f"no row with key {', '.join(map(repr, missing[:5]))} in {out.root}")
-    return [found[k] for k in wanted]
+        raise RecaptionError(f"no row with key {', '.join(map(repr, missing[:5]))} in {out.uri}")
+    rows: dict[tuple[str, str], dict] = {}
+    for key in keys:
+        found = sorted(by_key[key], key=lambda r: r["unit"])
+        if unit is not None:
+            found = [r for r in found if r["unit"] == unit]
+            if not found:
+                units = ", ".join(r["unit"] for r in sorted(by_key[key], key=lambda r: r["unit"])[:5])
+                raise RecaptionError(f"no row with key {key!r} in unit {unit}; units with that key: {units}")
+        rows.update(((r["unit"], r["key"]), r) for r in found)
+    for ident in reservoir:
+        rows.setdefault(ident, next(r for r in by_key[ident[1]] if r["unit"] == ident[0]))
+    return list(rows.values())
 
 
 def format_row(row: dict, prompts: dict[str, str] | None = None, width: int = 100) -> str:
@@ -145,26 +168,35 @@ def inspect_output(
     out_dir: str | None = None,
     input_path: str | None = None,
     stream: IO[str] | None = None,
+    unit: str | None = None,
 ) -> list[str]:
-    """Prints the chosen rows and saves each image (from the source shard) as `<key>.png` in `out_dir` (default
-    `OUTPUT/_inspect`), with an `index.html` showing every image beside its captions; returns the PNG paths."""
+    """Prints the chosen rows (every row with each key, whatever its unit; with `unit`, that unit's only) and saves
+    each image (from the source shard) as `<key>.png` in `out_dir` (default `OUTPUT/_inspect`), `<key>@<unit>`
+    where several of the rows share a key, with an `index.html` showing every image beside its captions; returns
+    the PNG paths."""
     stream = stream or sys.stdout
     out = open_output(output)
-    rows = select_rows(out, keys, sample, seed)
+    rows = select_rows(out, keys, sample, seed, unit)
     if not rows:
         raise RecaptionError("nothing to inspect: give --key K (repeatable) or --sample N")
     meta = run_metadata(out)
     image_cfg = ImageConfig.model_validate(meta.get("config", {}).get("images") or {})
     dest = open_output(out_dir) if out_dir else OutputDir(out.fs, out.path(INSPECT_DIR))
     images = _fetch_images(out, rows, input_path)
+    shared = {k for k, n in Counter(r["key"] for r in rows).items() if n > 1}
+    for key in sorted(shared & set(keys)):
+        units = [r["unit"] for r in rows if r["key"] == key]
+        print(f"key {key!r} is in {len(units)} units ({', '.join(units)}): each row is shown; pick one with --unit U",
+              file=stream)  # fmt: skip
     saved, cards = [], []
     for row in rows:
         print(format_row(row, meta.get("prompts")), file=stream)
-        data, png = images.get(row["key"]), None
+        data, png = images.get((row["unit"], row["key"])), None
         if data is not None and hashlib.sha256(data).hexdigest() != row["image_sha256"]:
             print("   warning: the source's image differs from the one captioned (sha256); shown anyway", file=stream)
         if data is not None:
-            png = dest.path(f"{safe_name(row['key'])}.png")
+            name = f"{row['key']}@{row['unit']}" if row["key"] in shared else row["key"]
+            png = dest.path(f"{safe_name(name)}.png")
             dest.write_atomic(png, png_bytes(data, image_cfg))
             saved.append(png)
             print(f"   image: {png}", file=stream)
@@ -177,7 +209,8 @@ def inspect_output(
     return saved
 
 
-def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> dict[str, bytes]:
+def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> dict[tuple[str, str], bytes]:
+    """The source image of each row with one, by (unit, key)."""
     wanted: dict[str, set[str]] = {}
     for row in rows:
         if row["image_sha256"]:
@@ -187,7 +220,7 @@ def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> d
     input_cfg, units = source_units(out, input_path)
     found = {}
     for unit, keys in wanted.items():
-        found.update(unit_images(input_cfg, find_unit(units, unit, input_cfg), keys))
+        found.update(((unit, k), data) for k, data in unit_images(input_cfg, find_unit(units, unit, input_cfg), keys))
     return found
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -14,6 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from recaption.cli import main
 from recaption.errors import ConfigError, RecaptionError
 from recaption.export import export_output, tar_key
 from recaption.shards.tar import write_webdataset
@@ -96,7 +100,7 @@ def test_hf_dataset_loads_with_images_and_captions(captioned, tmp_path):
     assert (summary["rows"], summary["images"]) == (7, 6)
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert isinstance(ds.features["image"], datasets.Image) and ds.num_rows == 7
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf-cache-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     for got in ds:
         row = rows[got["key"]]
         assert got["captions"] == row["captions"] and got["status"] == row["status"]
@@ -162,3 +166,81 @@ def test_export_refuses_an_unknown_caption_choice_and_a_changed_source(captioned
     write_webdataset(str(moved), samples, shard_size=4)  # rewrites the first shard only
     with pytest.raises(RecaptionError, match="not the one captioned"):
         export_output(str(root / "out"), "webdataset", str(tmp_path / "wds"), input_path=str(moved))
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_export_refuses_a_dest_it_would_overwrite_or_mix_with_the_output(captioned, tmp_path):
+    root, _ = captioned
+    out = root / "out"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("a user's file")
+    (tmp_path / "rows.jsonl").write_text("a user's rows\n")
+    (tmp_path / "link").symlink_to(out)
+    cases = [
+        ("webdataset", tmp_path / "full", "is a non-empty directory"),
+        ("hf", tmp_path / "full", "is a non-empty directory"),
+        ("jsonl", tmp_path / "full", "exists; give a new file name"),
+        ("jsonl", tmp_path / "rows.jsonl", "exists; give a new file name"),
+        ("webdataset", tmp_path / "rows.jsonl", "is a file"),
+        ("webdataset", out, "lies inside the output"),
+        ("webdataset", out / "wds", "lies inside the output"),
+        ("hf", out / "hf", "lies inside the output"),
+        ("jsonl", out / "rows.jsonl", "lies inside the output"),
+        ("webdataset", tmp_path / "link" / "wds", "lies inside the output"),  # the output by another name
+        ("webdataset", root, "the output .* lies inside DEST"),
+    ]
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for to, dest, message in cases:
+        code, stdout, stderr = cli("export", str(out), "--to", to, str(dest))
+        assert code == 2 and stdout == "" and stderr.count("\n") == 1, (to, dest, stderr)
+        assert re.search(message, stderr) and "Traceback" not in stderr, (to, dest, stderr)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert (tmp_path / "full" / "mine.txt").read_text() == "a user's file"
+    assert (tmp_path / "rows.jsonl").read_text() == "a user's rows\n"
+    (tmp_path / "empty").mkdir()
+    assert cli("export", str(out), "--to", "webdataset", str(tmp_path / "empty"))[0] == 0
+
+
+def test_a_failed_export_leaves_no_partial_tar(captioned, tmp_path):
+    root, _ = captioned
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "in", moved)
+    samples = [{"key": f"im{i}", "jpg": make_image(i)} for i in range(2)] + [{"key": "gif", "png": gif_image()}]
+    samples.append({"key": "im2", "jpg": make_image(102)})  # the 4th image changed: found while writing the tar
+    write_webdataset(str(moved), samples, shard_size=4)
+    code, stdout, stderr = cli("export", str(root / "out"), "--to", "webdataset", str(tmp_path / "wds"),
+                               "--input", str(moved), "--include-failed")  # fmt: skip
+    assert code == 1 and stderr.count("\n") == 1 and "is not the one captioned" in stderr
+    assert list((tmp_path / "wds").iterdir()) == []  # no partial tar, no temporary file, no failed.jsonl
+    code, _, stderr = cli("export", str(root / "out"), "--to", "hf", str(tmp_path / "hf"), "--input", str(moved))
+    last = stderr.splitlines()[-1]  # after the progress bar of `datasets`
+    assert code == 1 and last.startswith("error: ") and "is not the one captioned" in last and "Traceback" not in stderr
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".recaption-tmp-*"))
+    code, _, stderr = cli("export", str(root / "out"), "--to", "jsonl", str(tmp_path / "x.jsonl"), "--caption", "x/y")
+    assert code == 2 and not (tmp_path / "x.jsonl").exists() and not list(tmp_path.glob(".recaption-tmp-*"))
+
+
+def test_a_disk_full_while_writing_a_tar_leaves_earlier_shards_whole_and_no_partial_one(
+    captioned, tmp_path, monkeypatch
+):
+    root, _ = captioned
+    real_addfile, calls = tarfile.TarFile.addfile, []
+
+    def addfile(self, tarinfo, fileobj=None):
+        calls.append(tarinfo.name)
+        if len(calls) == 14:  # the 2nd tar (4 samples × 3 members in the 1st), part-way
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_addfile(self, tarinfo, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    code, _, stderr = cli("export", str(root / "out"), "--to", "webdataset", str(tmp_path / "wds"), "--shard-size", "4")
+    assert code == 1 and stderr.count("\n") == 1 and "No space left on device" in stderr and str(tmp_path) in stderr
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    with tarfile.open(tmp_path / "wds" / "00000.tar") as tf:
+        assert len(tf.getmembers()) == 12

@@ -16,16 +16,17 @@ class WorkUnit:
     start: int = 0
     stop: int | None = None  # None: to the end of the shard
     members: tuple[str, ...] = ()  # folder inputs: the image files (relative to the input root) of this unit
+    keys: tuple[str, ...] = ()  # folder inputs: each member's key, chosen at planning so keys are input-wide unique
     retry: bool = False  # a done unit whose failed rows are captioned again (`recaption run --retry-failed`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["members"] = list(self.members)
+        d["members"], d["keys"] = list(self.members), list(self.keys)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkUnit:
-        return cls(**{**d, "members": tuple(d.get("members") or ())})
+        return cls(**{**d, "members": tuple(d.get("members") or ()), "keys": tuple(d.get("keys") or ())})
 
 
 @dataclass

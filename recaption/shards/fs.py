@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 import re
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from recaption.errors import InputError
+from recaption.redact import redact_text, strip_credentials
+from recaption.retry import is_transient, with_retries
 
+T = TypeVar("T")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 # Object stores whose FileSystem paths are "bucket/key": for these the path is computed without a second
 # `from_uri` call, which for s3 without `region=` costs a HeadBucket request every time.
 _BUCKET_SCHEMES = {"s3", "gs", "gcs"}
 STREAM_BUFFER_BYTES = 4 << 20
+# Transient errors of a store (a reset connection, a 503) are retried this often, with backoff from this many seconds.
+READ_ATTEMPTS = 5
+RETRY_BASE_S = 0.5
+TMP_PREFIX = ".recaption-tmp-"
+
+
+class Unreachable(InputError):
+    """The storage kept failing with transient errors through every retry: the read, not the data, failed."""
 
 
 @dataclass(frozen=True)
@@ -35,17 +50,27 @@ def is_uri(path: str) -> bool:
 
 
 def display(uri: str) -> str:
-    """The uri for messages, with any `user:secret@` removed."""
-    if not is_uri(uri):
-        return uri
-    p = urlsplit(uri)
-    return urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[-1], p.path, p.query, p.fragment))
+    """The uri for messages and logs: no `user:secret@`, no secret query parameters (`secret_key=`, signatures)."""
+    return strip_credentials(uri) if is_uri(uri) else uri
+
+
+def retrying(fn: Callable[[], T], uri: str, doing: str) -> T:
+    """`fn()`, retried with backoff while it raises transient storage errors; when they outlast every attempt,
+    `Unreachable` naming `uri` (without credentials). Permanent errors are raised as they are, at once."""
+    try:
+        return with_retries(fn, f"{doing} {display(uri)}", attempts=READ_ATTEMPTS, base_s=RETRY_BASE_S)
+    except Exception as e:
+        if is_transient(e):
+            raise Unreachable(
+                f"cannot {doing} {display(uri)} after {READ_ATTEMPTS} attempts: {redact_text(str(e))}"
+            ) from None
+        raise
 
 
 @functools.lru_cache(maxsize=64)
 def _bucket_filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
-    fs, _ = pafs.FileSystem.from_uri(urlunsplit((scheme, netloc, "/", query, "")))
-    return fs
+    uri = urlunsplit((scheme, netloc, "/", query, ""))
+    return retrying(lambda: pafs.FileSystem.from_uri(uri)[0], uri, "connect to")
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -61,8 +86,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
             path = (bucket + unquote(p.path)).rstrip("/")
             return _bucket_filesystem(p.scheme, p.netloc, p.query), path
         return pafs.FileSystem.from_uri(uri)
+    except InputError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"cannot open {display(uri)}: {e}") from None
+        raise InputError(f"cannot open {display(uri)}: {redact_text(str(e))}") from None
 
 
 def join(base: str, rel: str) -> str:
@@ -94,9 +121,9 @@ def info(uri: str) -> pafs.FileInfo:
     """File info of `uri`; InputError naming the path when it does not exist or cannot be reached."""
     fs, path = resolve(uri)
     try:
-        fi = fs.get_file_info(path)
+        fi = retrying(lambda: fs.get_file_info(path), uri, "reach")
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"cannot reach input {display(uri)}: {e}") from None
+        raise InputError(f"cannot reach input {display(uri)}: {redact_text(str(e))}") from None
     if fi.type == pafs.FileType.NotFound:
         raise InputError(f"input path not found: {display(uri)}")
     return fi
@@ -109,9 +136,9 @@ def list_files(uri: str) -> list[FileEntry]:
         return [FileEntry(basename(uri), fi.size)]
     fs, path = resolve(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), uri, "list")
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"cannot list {display(uri)}: {e}") from None
+        raise InputError(f"cannot list {display(uri)}: {redact_text(str(e))}") from None
     root = path.rstrip("/") + "/"
     entries = [
         FileEntry(i.path[len(root) :] if i.path.startswith(root) else posixpath.relpath(i.path, path), i.size)
@@ -127,7 +154,8 @@ def open_input(uri: str, compression: str | None = "detect", buffered: bool = Tr
     # Object stores answer every read() with a ranged GET: small reads (tarfile's are 10 KB) need a buffer.
     buffer_size = STREAM_BUFFER_BYTES if buffered and not isinstance(fs, pafs.LocalFileSystem) else None
     try:
-        return fs.open_input_stream(path, compression=compression, buffer_size=buffer_size)
+        stream = functools.partial(fs.open_input_stream, path, compression=compression, buffer_size=buffer_size)
+        return retrying(stream, uri, "open")
     except (pa.ArrowException, OSError) as e:
         raise _read_error(uri, e) from None
 
@@ -136,18 +164,23 @@ def open_input_file(uri: str) -> pa.NativeFile:
     """A random-access file (what Parquet and Arrow IPC file readers need)."""
     fs, path = resolve(uri)
     try:
-        return fs.open_input_file(path)
+        return retrying(lambda: fs.open_input_file(path), uri, "open")
     except (pa.ArrowException, OSError) as e:
         raise _read_error(uri, e) from None
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole content of one file."""
-    with open_input(uri, compression=None, buffered=False) as f:
-        try:
+    """The whole content of one file (opened and read again from its start after a transient error)."""
+    fs, path = resolve(uri)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
-        except (pa.ArrowException, OSError) as e:
-            raise _read_error(uri, e) from None
+
+    try:
+        return retrying(read, uri, "read")
+    except (pa.ArrowException, OSError) as e:
+        raise _read_error(uri, e) from None
 
 
 def open_output(uri: str) -> pa.NativeFile:
@@ -157,7 +190,25 @@ def open_output(uri: str) -> pa.NativeFile:
     return fs.open_output_stream(path)
 
 
+@contextlib.contextmanager
+def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
+    """An output stream to a temporary name beside `uri` (`.recaption-tmp-…`, hidden from listings), renamed to
+    `uri` when the block ends and deleted when it raises: `uri` never holds a partial file."""
+    fs, path = resolve(uri)
+    directory, name = posixpath.split(path)
+    fs.create_dir(directory, recursive=True)
+    tmp = posixpath.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")  # keeps `.gz`: same compression
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(tmp)
+        raise
+
+
 def _read_error(uri: str, e: Exception) -> InputError:
     if isinstance(e, FileNotFoundError) or "not exist" in str(e) or "not found" in str(e).lower():
         return InputError(f"input path not found: {display(uri)}")
-    return InputError(f"cannot read {display(uri)}: {e}")
+    return InputError(f"cannot read {display(uri)}: {redact_text(str(e))}")

@@ -10,8 +10,9 @@ import pyarrow as pa
 
 from recaption.config import InputConfig
 from recaption.errors import InputError
+from recaption.redact import redact_text
 from recaption.shards import SourceRecord, WorkUnit
-from recaption.shards.fs import FileEntry, display, is_uri, join, open_input_file, read_bytes, resolve
+from recaption.shards.fs import FileEntry, display, is_uri, join, open_input_file, read_bytes, resolve, retrying
 from recaption.shards.parquet import records_from_batches, resolve_columns
 
 MARKERS = ("state.json", "dataset_info.json")
@@ -46,13 +47,16 @@ def arrow_files(root: str, files: list[FileEntry]) -> list[str]:
 
 def arrow_rows(uri: str) -> tuple[int, pa.Schema]:
     """Row count and schema of an Arrow IPC file (stream or file format); local files are memory-mapped."""
-    with _open(uri) as f:
-        try:
+
+    def count() -> tuple[int, pa.Schema]:
+        with _open(uri) as f:
             reader = _reader(f)
-            n = sum(b.num_rows for b in _batches(reader))
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{display(uri)}: not a readable Arrow file: {e}") from None
-        return n, reader.schema
+            return sum(b.num_rows for b in _batches(reader)), reader.schema
+
+    try:
+        return retrying(count, uri, "read")
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{display(uri)}: not a readable Arrow file: {redact_text(str(e))}") from None
 
 
 def iter_records(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 
 from recaption.config import InputConfig
 from recaption.errors import InputError
+from recaption.redact import redact_text
 from recaption.shards import SourceRecord, WorkUnit
-from recaption.shards.fs import display, is_uri, join, open_input_file, parent, read_bytes
+from recaption.shards.fs import Unreachable, display, is_uri, join, open_input_file, parent, read_bytes, retrying
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "bytes", "jpeg")
 IMG2DATASET_IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -75,13 +76,17 @@ def resolve_columns(schema: pa.Schema, cfg: InputConfig, fmt: str, where: str) -
 
 
 def parquet_rows(uri: str) -> tuple[int, pa.Schema]:
-    """Row count and schema from the footer only."""
-    with open_input_file(uri) as f:
-        try:
-            md = pq.read_metadata(f)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{display(uri)}: not a readable Parquet file: {e}") from None
-        return md.num_rows, md.schema.to_arrow_schema()
+    """Row count and schema from the footer only (read again after a transient storage error)."""
+
+    def footer() -> pq.FileMetaData:
+        with open_input_file(uri) as f:
+            return pq.read_metadata(f)
+
+    try:
+        md = retrying(footer, uri, "read the footer of")
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{display(uri)}: not a readable Parquet file: {redact_text(str(e))}") from None
+    return md.num_rows, md.schema.to_arrow_schema()
 
 
 def iter_records(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
@@ -149,6 +154,8 @@ def _image_bytes(value: object, base: str) -> tuple[bytes | None, str | None]:
         uri = value if is_uri(value) or os.path.isabs(value) else join(base, value)
         try:
             return read_bytes(uri), None
+        except Unreachable:
+            raise  # the store kept failing: the unit fails and a rerun retries it, no row is written off
         except InputError as e:
             return None, f"image file: {e}"
     return None, f"image value of type {type(value).__name__} is neither bytes nor a path"

@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 from recaption.config import InputConfig
 from recaption.errors import InputError
 from recaption.shards import WorkUnit
-from recaption.shards.folder import is_image_file
-from recaption.shards.fs import FileEntry, display, info, join, list_files, open_input, parent
+from recaption.shards.folder import folder_keys, is_image_file
+from recaption.shards.fs import FileEntry, display, info, join, list_files, open_input, parent, retrying
 from recaption.shards.hf import MARKERS, arrow_files, arrow_rows
 from recaption.shards.parquet import looks_like_img2dataset, parquet_rows, resolve_columns
 
@@ -121,14 +121,18 @@ def _tar_units(scanned: _Input) -> list[WorkUnit]:
 
 
 def _has_member(uri: str) -> bool:
-    with open_input(uri) as f:
-        return any(f.read(512))  # a member starts with a non-zero header block
+    def first_block() -> bytes:
+        with open_input(uri) as f:
+            return f.read(512)
+
+    return any(retrying(first_block, uri, "read"))  # a member starts with a non-zero header block
 
 
 def _folder_units(scanned: _Input, unit_size: int) -> list[WorkUnit]:
     images = [f.path for f in scanned.files if is_image_file(f.path)]
     if not images:
         raise InputError(f"no image files at {display(scanned.root)}")
+    keys = folder_keys(images)  # over the whole input: two files with one stem may fall in different units
     width = max(4, len(str((len(images) - 1) // unit_size)))
     return [
         WorkUnit(
@@ -139,6 +143,7 @@ def _folder_units(scanned: _Input, unit_size: int) -> list[WorkUnit]:
             start=i,
             stop=i + len(images[i : i + unit_size]),
             members=tuple(images[i : i + unit_size]),
+            keys=tuple(keys[i : i + unit_size]),
         )
         for i in range(0, len(images), unit_size)
     ]

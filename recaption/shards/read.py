@@ -1,15 +1,24 @@
-"""Reading one work unit, whatever its format: one SourceRecord per input row, keys unique within the unit."""
+"""Reading one work unit, whatever its format: one SourceRecord per input row, keys non-blank and unique within the
+unit, read again from the unit's start when the storage drops a stream part-way."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import posixpath
+import random
+import time
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
 from recaption.config import InputConfig
 from recaption.errors import InputError
-from recaption.shards import SourceRecord, WorkUnit, folder, hf, parquet, tar
+from recaption.redact import redact_text
+from recaption.retry import is_transient
+from recaption.shards import SourceRecord, WorkUnit, folder, fs, hf, parquet, tar
+
+log = logging.getLogger(__name__)
 
 Reader = Callable[[WorkUnit, InputConfig], Iterator[SourceRecord]]
 READERS: dict[str, Reader] = {
@@ -22,24 +31,57 @@ READERS: dict[str, Reader] = {
 
 
 def read_unit(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
-    """The unit's records in source order. A repeated key becomes `key#dupN` with an error, so no row is lost;
-    a table that turns out corrupt part-way ends with one error record for its unread rest."""
+    """The unit's records in source order. A blank key becomes `<shard stem>/<row>` (what a row without a key
+    gets); a repeated key becomes `key#dupN` with an error, so no row is lost; a table that turns out corrupt
+    part-way ends with one error record for its unread rest. A transient storage error (a reset connection, a
+    503) part-way reads the unit again from its start, skipping the records already given, so each comes once."""
     reader = READERS.get(unit.format)
     if reader is None:
         raise InputError(f"unit {unit.unit}: unknown input format {unit.format!r}, expected one of {sorted(READERS)}")
     seen: dict[str, int] = {}
     n = 0
-    try:
-        for record in reader(unit, input_cfg):
-            n += 1
-            yield _unique(record, seen, unit)
-    except InputError:
-        raise  # missing or unreachable files: a planning problem, not a bad row
-    except (pa.ArrowException, OSError) as e:
-        stem = posixpath.splitext(unit.source or unit.unit)[0]
-        rows = "" if unit.stop is None else f" of rows [{unit.start}, {unit.stop})"
-        error = f"cannot read {unit.source or unit.uri} after {n} rows{rows}: {e}"
-        yield _unique(SourceRecord(key=f"{stem}#unreadable", image=None, error=error), seen, unit)
+    for attempt in range(1, fs.READ_ATTEMPTS + 1):
+        try:
+            for i, record in enumerate(reader(unit, input_cfg)):
+                if i < n:
+                    continue  # given before the stream broke
+                yield _unique(_keyed(record, unit, i), seen, unit)
+                n += 1
+            return
+        except InputError:
+            raise  # missing or unreachable files: a planning problem, not a bad row
+        except (pa.ArrowException, OSError) as e:
+            if is_transient(e) and attempt < fs.READ_ATTEMPTS:
+                delay = min(16.0, fs.RETRY_BASE_S * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                log.warning(
+                    "unit %s: %s after %d records (attempt %d of %d; read again from its start in %.1f s)",
+                    unit.unit,
+                    redact_text(f"{type(e).__name__}: {e}"),
+                    n,
+                    attempt,
+                    fs.READ_ATTEMPTS,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            where = unit.source or fs.display(unit.uri)
+            if is_transient(e):
+                raise fs.Unreachable(
+                    f"cannot read {where} after {fs.READ_ATTEMPTS} attempts: {redact_text(str(e))}"
+                ) from None
+            stem = posixpath.splitext(unit.source or unit.unit)[0]
+            rows = "" if unit.stop is None else f" of rows [{unit.start}, {unit.stop})"
+            error = redact_text(f"cannot read {where} after {n} rows{rows}: {e}")
+            yield _unique(SourceRecord(key=f"{stem}#unreadable", image=None, error=error), seen, unit)
+            return
+
+
+def _keyed(record: SourceRecord, unit: WorkUnit, i: int) -> SourceRecord:
+    """A record whose key is empty or blank gets the id a row without a key gets: `<shard stem>/<row>`."""
+    if record.key.strip():
+        return record
+    stem = posixpath.splitext(unit.source or unit.unit)[0]
+    return dataclasses.replace(record, key=f"{stem}/{unit.start + i}")
 
 
 def _unique(record: SourceRecord, seen: dict[str, int], unit: WorkUnit) -> SourceRecord:

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaption.config import InputConfig
+from recaption.retry import is_transient
 from recaption.shards import SourceRecord, WorkUnit
-from recaption.shards.fs import join, open_input, open_output
+from recaption.shards.fs import atomic_output, join, open_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MAX_MEMBER_BYTES = 256 << 20  # one image member larger than this is refused, not read into memory
@@ -113,6 +114,8 @@ def read_samples(stream: IO[bytes] | pa.NativeFile, source: str) -> Iterator[Sou
             # data ended at a member boundary, which tarfile takes silently for the end.
             ended = tf.fileobj.tell() - tf.offset >= _BLOCK
     except _STREAM_ERRORS as e:
+        if is_transient(e):
+            raise  # the connection, not the shard: read_unit reads the unit again
         yield _truncated(source, sample.key if sample else None, n, e)
         return
     if sample is not None:
@@ -157,7 +160,9 @@ def write_webdataset(
 def _write_shard(out_dir: str, name: str, samples: list[Mapping], sidecars: bool) -> str:
     uri = join(out_dir, name + ".tar")
     rows = []
-    with open_output(uri) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+    # PAX: member names of any length and any characters (USTAR refuses names over 100 bytes); written under a
+    # temporary name and renamed, so a failure part-way never leaves a partial tar.
+    with atomic_output(uri) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for s in samples:
             key = s["key"]
             ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in s)
@@ -173,10 +178,10 @@ def _write_shard(out_dir: str, name: str, samples: list[Mapping], sidecars: bool
             {c: [str(r[c]) if r[c] is not None else None for r in rows] for c in ("key", "url", "caption")}
         )
         table = table.append_column("status", pa.array(["success"] * len(rows)))
-        with open_output(join(out_dir, name + ".parquet")) as out:
+        with atomic_output(join(out_dir, name + ".parquet")) as out:
             pq.write_table(table, out)
         stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0}
-        with open_output(join(out_dir, name + "_stats.json")) as out:
+        with atomic_output(join(out_dir, name + "_stats.json")) as out:
             out.write(json.dumps(stats, indent=4).encode())
     return uri
 

@@ -34,3 +34,20 @@ def test_single_image_file(tmp_path):
     [unit] = plan_units(cfg)
     [rec] = read_unit(unit, cfg)
     assert (rec.key, rec.alt_text) == ("img_0000", "caption 0")
+
+
+def test_keys_are_unique_across_units_when_stems_repeat(tmp_path):
+    # `a.jpg` and `a.png` fall in different units (unit_size 1); `x.png.jpg`'s stem is the file `x.png`; ` .jpg`'s
+    # stem is blank. Each keeps its whole path as key, the others their stem.
+    names = [" .jpg", "a.jpg", "a.png", "b.jpg", "x.png", "x.png.jpg"]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(make_image(i, fmt="PNG" if name.endswith(".png") else "JPEG"))
+    (tmp_path / "a.txt").write_text("alt of a")
+    cfg = InputConfig(path=str(tmp_path), unit_size=1)
+    units = plan_units(cfg)
+    records = [r for u in units for r in read_unit(u, cfg)]
+    assert len(units) == 6 and [r.key for r in records] == [" .jpg", "a.jpg", "a.png", "b", "x", "x.png.jpg"]
+    assert [r.source for r in records] == names and all(r.error is None for r in records)
+    assert records[1].alt_text == records[2].alt_text == "alt of a"
+    assert [r.image for r in records] == [make_image(i, fmt="PNG" if n.endswith(".png") else "JPEG")
+                                          for i, n in enumerate(names)]  # fmt: skip

@@ -45,6 +45,15 @@ def test_no_key_column_gives_stable_row_keys(tmp_path):
     assert [r.image for r in read_unit(units[2], cfg)] == [make_image(8)]
 
 
+def test_blank_keys_get_the_row_id_of_a_missing_key(tmp_path):
+    keys = ["k0", "", "  ", None, "k4", ""]
+    images = pa.array([make_image(i) for i in range(6)], pa.binary())
+    pq.write_table(pa.table({"image": images, "key": pa.array(keys, pa.string())}), tmp_path / "t.parquet")
+    records = read_all(InputConfig(path=str(tmp_path), unit_size=4))
+    assert [r.key for r in records] == ["k0", "t/1", "t/2", "t/3", "k4", "t/5"]
+    assert all(r.error is None for r in records) and [r.image for r in records] == images.to_pylist()
+
+
 def test_null_and_missing_images_are_error_rows(tmp_path):
     table = pa.table(
         {

@@ -158,3 +158,11 @@ def test_gzipped_tar_and_a_cut_one(tmp_path):
     records = read(tmp_path, gzip.compress(data)[:-20], name="00000.tar.gz")
     # pyarrow's decompressor may notice the cut on its first read, before any sample comes out
     assert all(r.error is None for r in records[:-1]) and "truncated tar 00000.tar.gz" in records[-1].error
+
+
+def test_blank_keys_get_the_shard_and_sample_index(tmp_path):
+    # A member ` .jpg` has the key " "; like a row without a key it becomes `<shard stem>/<index>`, never a blank
+    # `ok` row that a webdataset export could not name.
+    records = read(tmp_path, build_tar(sample("k0", 0) + [(" .jpg", make_image(1)), ("\t.jpg", make_image(2))]))
+    assert [r.key for r in records] == ["k0", "00000/1", "00000/2"]
+    assert all(r.error is None for r in records) and records[2].image == make_image(2)
