@@ -118,8 +118,13 @@ class ModelConfig(Strict):
     revision: str | None = None
     generation: GenerationConfig | None = Field(None, description="Overrides the top-level `generation`")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
-    concurrency: int | Literal["auto"] = Field(
-        1, description="Actors in this model's pool; auto: every GPU (of accelerator_type) the cluster has"
+    concurrency: int | Literal["auto"] | tuple[int, int] = Field(
+        1,
+        description="Actors in this model's pool: a number; [min, max] for a pool that grows and shrinks with the "
+        "work and the cluster; auto: one per GPU (of accelerator_type), growing as GPU nodes join",
+    )
+    units_in_flight: int = Field(
+        2, gt=0, description="Units one actor holds at once: the next unit's requests enter while one drains"
     )
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs each actor reserves (fractional on small machines)")
     num_gpus: float | None = Field(
@@ -144,9 +149,11 @@ class ModelConfig(Strict):
 
     @field_validator("concurrency")
     @classmethod
-    def _some_actors(cls, value: int | str) -> int | str:
+    def _some_actors(cls, value: int | str | tuple[int, int]) -> int | str | tuple[int, int]:
         if isinstance(value, int) and value < 1:
             raise ValueError("a model needs at least 1 actor (or auto: one per GPU of the cluster)")
+        if isinstance(value, tuple) and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(value)}")
         return value
 
     @model_validator(mode="before")
@@ -315,6 +322,7 @@ RUNTIME_MODEL_KEYS = (
     "batch_size",
     "device",
     "max_unit_attempts",
+    "units_in_flight",
 )
 RUNTIME_VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "download_dir")
 

@@ -3,7 +3,8 @@
 `RECAPTION_FAULT=<point>` acts at that point: `fault_point` SIGKILLs the whole run (the run must be started as its
 own session, `setsid` or `start_new_session=True`: the session leader's whole process group, driver, GCS and raylet,
 is killed, as a machine losing power would be); `fault_raise` raises an exception there instead (a CUDA fault, a
-dead engine). `RECAPTION_FAULT_SKIP=k` lets the first k visits of the point pass in each process, and
+dead engine). `RECAPTION_FAULT_UNIT=<unit>` arms it for that unit only (where the point knows its unit).
+`RECAPTION_FAULT_SKIP=k` lets the first k visits of the point pass in each process, and
 `RECAPTION_FAULT_ONCE=<path>` confines the fault to one process, the first to create that file: there it fires at
 every visit from then on (a faulted CUDA context stays faulted), elsewhere never. With both: "from its second batch on,
 the first actor's engine fails; the actor Ray starts instead is healthy".
@@ -30,8 +31,11 @@ _visits: dict[str, int] = {}
 _owner: set[str] = set()  # the ONCE files this process created
 
 
-def _fires(name: str) -> bool:
+def _fires(name: str, unit: str | None = None) -> bool:
     if os.environ.get("RECAPTION_FAULT") != name:
+        return False
+    only = os.environ.get("RECAPTION_FAULT_UNIT")
+    if only and unit != only:
         return False
     _visits[name] = _visits.get(name, 0) + 1
     if _visits[name] <= int(os.environ.get("RECAPTION_FAULT_SKIP", "0")):
@@ -56,9 +60,9 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fault_raise(name: str, error: Callable[[], BaseException]) -> None:
-    """Raises `error()` here when the fault is armed."""
-    if _fires(name):
+def fault_raise(name: str, error: Callable[[], BaseException], unit: str | None = None) -> None:
+    """Raises `error()` here when the fault is armed (for `unit` only, where RECAPTION_FAULT_UNIT names one)."""
+    if _fires(name, unit):
         raise error()
 
 

@@ -24,11 +24,27 @@ def cluster_gpus(nodes: list[dict[str, Any]], accelerator_type: str | None = Non
     return total
 
 
+def pool_bounds(model: ModelConfig, nodes: list[dict[str, Any]], autoscaling: bool = False) -> tuple[int, int | None]:
+    """(min, max) actors of a model's pool; max None: as many as the cluster will hold, now or once nodes join.
+    A number is a fixed pool; [min, max] grows and shrinks with the work (Ray Data's autoscaling pool); auto starts
+    with one actor per GPU the cluster has now and grows as GPU nodes join."""
+    if isinstance(model.concurrency, tuple):
+        if model.gpus_per_actor > 0 and not autoscaling:
+            _check_an_actor_fits(model, nodes, model.gpus_per_actor)
+        return model.concurrency
+    if model.concurrency == "auto":
+        return pool_size(model, nodes, autoscaling), None
+    size = pool_size(model, nodes, autoscaling)
+    return size, size
+
+
 def pool_size(model: ModelConfig, nodes: list[dict[str, Any]], autoscaling: bool = False) -> int:
-    """Actors in a model's pool: the configured number, or (auto) as many as the cluster's GPUs hold. A pool of GPU
-    actors on a cluster where no node has one actor's GPUs is an error now, not a job that waits forever, unless the
-    cluster autoscales (`ray.autoscaling`): there a fixed-size pool waits for its nodes."""
+    """Actors in a model's pool now: the configured number, or (auto) as many as the cluster's GPUs hold. A pool of
+    GPU actors on a cluster where no node has one actor's GPUs is an error now, not a job that waits forever, unless
+    the cluster autoscales (`ray.autoscaling`): there a fixed-size pool waits for its nodes."""
     per_actor = model.gpus_per_actor
+    if isinstance(model.concurrency, tuple):
+        return model.concurrency[0]
     if model.concurrency != "auto":
         if per_actor > 0 and not autoscaling:
             _check_an_actor_fits(model, nodes, per_actor)
@@ -59,11 +75,28 @@ def _check_an_actor_fits(model: ModelConfig, nodes: list[dict[str, Any]], per_ac
 
 
 def actor_options(model: ModelConfig, nodes: list[dict[str, Any]], autoscaling: bool = False) -> dict[str, Any]:
-    """The `map_batches` arguments that place one model's caption actors."""
+    """The `map_batches` arguments that place one model's caption actors: the pool (fixed or elastic), each actor's
+    resources, and how many units one actor holds at once (its async `__call__` runs that many concurrently)."""
     import ray.data
 
+    low, high = pool_bounds(model, nodes, autoscaling)
+    # The actor runs `units_in_flight` units' `__call__` at once (async). An elastic pool also queues as many more
+    # at each actor: Ray Data grows a pool only once its actors are that loaded (its threshold is 175%).
+    calls = model.units_in_flight
+    if low == high:
+        compute = ray.data.ActorPoolStrategy(
+            size=low, max_concurrent_calls_per_actor=calls, max_tasks_in_flight_per_actor=calls
+        )
+    else:
+        compute = ray.data.ActorPoolStrategy(
+            min_size=low,
+            max_size=high,
+            initial_size=low,
+            max_concurrent_calls_per_actor=calls,
+            max_tasks_in_flight_per_actor=2 * calls,
+        )
     options: dict[str, Any] = {
-        "compute": ray.data.ActorPoolStrategy(size=pool_size(model, nodes, autoscaling)),
+        "compute": compute,
         "num_cpus": model.num_cpus,
         "num_gpus": model.gpus_per_actor,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -55,6 +56,7 @@ class Progress:
         self.last_line: float | None = None
         self.closed = False
         self.write_failed = False
+        self.engines = EngineView()
         self.bar = None
         if enabled and self.tty:
             from tqdm import tqdm
@@ -74,12 +76,14 @@ class Progress:
         return cls(total, initial=initial, desc=desc, unit="step", counts=("samples",), **kwargs)
 
     def unit_done(self, summary: Mapping[str, Any]) -> None:
-        """One unit's commit summary (unit, rows, ok, failed, skipped, tokens, seconds, error) from the driver."""
+        """One unit's commit summary (unit, rows, ok, failed, skipped, tokens, seconds, error, metrics) from the
+        driver; its engine metrics update the per-model view (busy, in flight, waiting, tokens/s, cache hits)."""
         if summary.get("error"):
             self.n_errors += 1
             if len(self.errors) < MAX_ERRORS_KEPT:
                 self.errors[str(summary.get("unit"))] = str(summary["error"])
-        self.advance(1, {k: int(summary.get(k) or 0) for k in UNIT_COUNTS})
+        self.engines.update(summary.get("metrics"), self.clock() - self.start)
+        self.advance(1, {k: int(summary.get(k) or 0) for k in UNIT_COUNTS}, **self.engines.line_values())
 
     def advance(self, n: int = 1, counts: Mapping[str, float] | None = None, **values: Any) -> None:
         """`n` more units or steps done; `counts` add up over the run, `values` (e.g. loss) show their latest."""
@@ -119,6 +123,8 @@ class Progress:
         }
         if self.unit == "unit":
             state.update(unit_errors=self.n_errors, errors=dict(self.errors))
+            if self.engines.latest:
+                state.update(engines=self.engines.summary(), engine_history=list(self.engines.history))
         return state
 
     def write(self, text: str) -> None:
@@ -172,6 +178,64 @@ class Progress:
                     log.warning("cannot update %s: %s", PROGRESS_FILE, e)
                 self.write_failed = True
         return state
+
+
+class EngineView:
+    """Each model's engine as its caption actors last reported it (with every unit they pass on): busy fraction
+    (engine time weighted by how full its batch was, over wall time, averaged over actors), requests in flight,
+    requests waiting with their images decoded, output tokens/s (summed over actors), prefix-cache hit rate; and a
+    history of those, one point per unit, thinned to at most `HISTORY` points."""
+
+    HISTORY = 600
+
+    def __init__(self) -> None:
+        self.latest: dict[str, dict[int, dict[str, Any]]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._every = 1
+        self._seen = 0
+
+    def update(self, metrics: str | None, elapsed_s: float) -> None:
+        if not metrics:
+            return
+        for model, snap in json.loads(metrics).items():
+            self.latest.setdefault(model, {})[int(snap.get("actor", 0))] = snap
+        self._seen += 1
+        if self._seen % self._every:
+            return
+        self.history.append({"t": round(elapsed_s, 2), **{m: s for m, s in self.summary().items()}})
+        if len(self.history) > self.HISTORY:  # keep every other point, and from now on every other unit
+            self.history = self.history[::2]
+            self._every *= 2
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for model, actors in self.latest.items():
+            snaps = list(actors.values())
+            queries = sum(s.get("cache_queries", 0) for s in snaps)
+            out[model] = {
+                "actors": len(snaps),
+                "busy": round(sum(s["busy"] for s in snaps) / len(snaps), 3),
+                "in_flight": sum(s["in_flight"] for s in snaps),
+                "waiting": sum(s["waiting"] for s in snaps),
+                "out_tokens_per_s": round(sum(s["output_tokens"] / max(s["wall_s"], 1e-9) for s in snaps), 1),
+                "cache_hit": round(sum(s.get("cache_hits", 0) for s in snaps) / queries, 3) if queries else None,
+            }
+        return out
+
+    def line_values(self) -> dict[str, Any]:
+        """The progress line's fields: `busy=0.93 inflight=64 waiting=12 out_tok_s=850 cache=0.71`, each suffixed
+        with the model's id where there are several models."""
+        values: dict[str, Any] = {}
+        summary = self.summary()
+        for model, s in summary.items():
+            suffix = "" if len(summary) == 1 else "_" + re.sub(r"\W", "_", model)
+            values[f"busy{suffix}"] = s["busy"]
+            values[f"inflight{suffix}"] = s["in_flight"]
+            values[f"waiting{suffix}"] = s["waiting"]
+            values[f"out_tok_s{suffix}"] = s["out_tokens_per_s"]
+            if s["cache_hit"] is not None:
+                values[f"cache{suffix}"] = s["cache_hit"]
+        return values
 
 
 def parse_progress_line(line: str) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import json
 import re
 import time
 import zlib
@@ -271,6 +272,17 @@ def collect(out: OutputDir, text_sample: int | None = 10_000) -> OutputStats:
     return stats
 
 
+def engine_history(out: OutputDir) -> dict[str, Any]:
+    """The last run's engine figures per model and their history, from `_progress.json` (none before a run)."""
+    from recaption.progress import PROGRESS_FILE
+
+    try:
+        progress = json.loads(out.read_bytes(out.path(PROGRESS_FILE)))
+    except (OSError, ValueError):
+        return {"engines": {}, "engine_history": []}
+    return {"engines": progress.get("engines") or {}, "engine_history": progress.get("engine_history") or []}
+
+
 def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any]:
     """Writes `OUTPUT/_report/report.json`, its PNG plots and a self-contained `index.html`; returns the JSON."""
     from recaption.report_page import render_page, render_plots
@@ -288,6 +300,7 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
         "prompts": meta.get("prompts", {}),
         "versions": meta.get("versions", {}),
         **report,
+        **engine_history(out),
         "seconds": round(time.time() - started, 3),
     }
     dest = OutputDir(out.fs, out.path(REPORT_DIR))

@@ -25,7 +25,33 @@ def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
     plots["flags.png"] = _grouped("share of captions with each flag", [(n, c["flag_share"]) for n, c in series])
     if report["agreement"]:
         plots["agreement.png"] = _agreement(report["agreement"])
+    if report.get("engine_history"):
+        plots["engines.png"] = _engines(report["engine_history"])
     return plots
+
+
+ENGINE_PANELS = {
+    "busy": "engine busy (batch-weighted time / wall time)",
+    "out_tokens_per_s": "generated tokens/s",
+    "in_flight": "requests in the engine",
+    "waiting": "requests waiting, images decoded",
+}
+
+
+def _engines(history: list[dict[str, Any]]) -> bytes:
+    """Each model's engine over the run (one point per committed unit): busy, tokens/s, in flight, waiting."""
+    models = sorted({m for point in history for m in point if m != "t"})
+    fig, axes = _figure(len(ENGINE_PANELS), 1.9)
+    for ax, (field, title) in zip(axes, ENGINE_PANELS.items(), strict=True):
+        ax.set_title(title, fontsize=10, loc="left")
+        for model in models:
+            points = [(p["t"], p[model][field]) for p in history if model in p and p[model].get(field) is not None]
+            ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=model)
+        if field == "busy":
+            ax.set_ylim(0, 1.05)
+    axes[-1].set_xlabel("seconds since the run started")
+    axes[0].legend(fontsize=8)
+    return _png(fig)
 
 
 def _figure(rows: int, height: float = 2.6, width: float = 8):
@@ -177,12 +203,26 @@ def render_page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         if report["agreement"]
         else "<p>One model only: nothing to compare.</p>",
         _img(plots, "agreement.png"),
+        *_engine_section(report, plots),
         "<h2>Prompts</h2>" + _table(["prompt", "text"], [[k, v] for k, v in report["prompts"].items()]),
         f"<p class=small>word statistics on {report['text_sample_rate']:.1%} of rows · versions "
         f"{escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>",
     ]
     head = f"<meta charset=utf-8><title>recaption report</title><style>{STYLE}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{chr(10).join(parts)}</body></html>"
+
+
+def _engine_section(report: dict[str, Any], plots: dict[str, bytes]) -> list[str]:
+    engines = report.get("engines") or {}
+    if not engines:
+        return []
+    rows = [
+        [m, e["actors"], f"{e['busy']:.0%}", e["in_flight"], e["waiting"], e["out_tokens_per_s"],
+         "-" if e.get("cache_hit") is None else f"{e['cache_hit']:.0%}"]
+        for m, e in engines.items()
+    ]  # fmt: skip
+    head = ["model", "actors", "busy", "in flight", "waiting", "tokens/s", "prefix-cache hits"]
+    return ["<h2>Engines (last run)</h2>", _table(head, rows), _img(plots, "engines.png")]
 
 
 def _img(plots: dict[str, bytes], name: str) -> str:

@@ -23,7 +23,19 @@ from recaption.writer import OUTPUT_SCHEMA
 log = logging.getLogger(__name__)
 
 PAYLOAD_SCHEMA = OUTPUT_SCHEMA.append(pa.field("image", pa.binary()))
-SUMMARY_FIELDS = ("unit", "rows", "ok", "failed", "skipped", "tokens", "seconds", "error", "fatal", "retry")
+SUMMARY_FIELDS = (
+    "unit",
+    "rows",
+    "ok",
+    "failed",
+    "skipped",
+    "tokens",
+    "seconds",
+    "error",
+    "fatal",
+    "retry",
+    "metrics",
+)
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -44,12 +56,21 @@ def unit_row(
     error: str | None = None,
     retry: bool = False,
     fatal: bool = False,
+    metrics: str | None = None,
 ) -> dict[str, Any]:
     """A unit as it travels between stages; `error` set means it is not committed (a rerun retries it), `fatal` that
     no later unit can be either (the output cannot be written); `retry`: its rows are the failed rows of a done
     unit, to be merged into its part file."""
     payload = to_ipc(table) if table is not None else b""
-    return {"unit": unit, "t_start": t_start, "payload": payload, "error": error, "retry": retry, "fatal": fatal}
+    return {
+        "unit": unit,
+        "t_start": t_start,
+        "payload": payload,
+        "error": error,
+        "retry": retry,
+        "fatal": fatal,
+        "metrics": metrics,  # JSON: each caption stage's engine figures when this unit left it (by model id)
+    }
 
 
 UNIT_ROW_SCHEMA = pa.schema(
@@ -60,6 +81,7 @@ UNIT_ROW_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("retry", pa.bool_()),
         ("fatal", pa.bool_()),
+        ("metrics", pa.string()),
     ]
 )
 
@@ -155,7 +177,7 @@ class CommitStage:
         from recaption.writer import unit_stats
 
         summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": row["fatal"]}
-        summary["retry"] = row["retry"]
+        summary.update(retry=row["retry"], metrics=row.get("metrics"))
         if row["error"]:
             return summary
         table = from_ipc(row["payload"])

@@ -86,7 +86,7 @@ def test_decoding_on_one_or_several_threads_gives_the_same_rows(tmp_path, num_cp
     images[1] = images[1][:60]  # a truncated PNG: only its row fails, with the reason
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     s = stage(tmp_path, num_cpus=num_cpus)
-    assert s.decode_threads == (3 if num_cpus == 3.0 else 1)
+    assert s.decode_pool._max_workers == (3 if num_cpus == 3.0 else 1)
     rows = s.caption_unit("u", table).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
     assert rows[1]["error"].startswith("truncated image") and rows[1]["image_sha256"] is None

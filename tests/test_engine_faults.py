@@ -45,7 +45,7 @@ def test_a_dead_engine_is_raised_by_the_stage_not_turned_into_failed_rows(tmp_pa
     monkeypatch.setattr(s.captioner, "caption", dead)
     with pytest.raises(EngineDeadError, match="illegal memory access"):
         s.caption_unit("u", unit_table([50, 51, 52]))
-    assert calls == [3 * 2], "a dead engine must not be retried image by image"
+    assert len(calls) == 1, "a dead engine must not be called again, nor retried image by image"
 
 
 def test_a_request_error_still_fails_only_its_row(tmp_path):

@@ -115,3 +115,19 @@ def test_build_dataset_gives_each_caption_pool_its_placement(monkeypatch):
     assert (stages[0]["num_gpus"], stages[0]["num_cpus"], stages[0]["accelerator_type"]) == (1, 4, "A100")
     assert stages[0]["compute"].max_size == 2 and stages[1]["num_gpus"] == 0.5
     assert stages[0]["fn_constructor_kwargs"]["model_cfg"]["num_gpus"] == 1  # the registry's GPU reaches the actor
+
+
+def test_pools_fixed_elastic_or_following_the_cluster():
+    fixed = actor_options(vllm(concurrency=2, units_in_flight=3), NODES)["compute"]
+    assert (fixed.min_size, fixed.max_size, fixed.max_tasks_in_flight_per_actor) == (2, 2, 3)
+    assert fixed.max_concurrent_calls_per_actor == 3  # the actor runs 3 units' calls at once
+    elastic = actor_options(vllm(concurrency=[1, 4]), NODES)["compute"]
+    assert (elastic.min_size, elastic.max_size, elastic.initial_size) == (1, 4, 1)
+    # Queued units count towards the load Ray Data grows a pool at (175%): twice what one actor runs.
+    assert elastic.max_tasks_in_flight_per_actor == 2 * elastic.max_concurrent_calls_per_actor
+    auto = actor_options(vllm(concurrency="auto"), NODES)["compute"]
+    assert (auto.initial_size, auto.max_size) == (12, float("inf"))  # starts on today's GPUs, grows as nodes join
+    with pytest.raises(ValueError, match=r"1 <= min <= max"):
+        vllm(concurrency=[3, 2])
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has"):
+        actor_options(vllm(concurrency=[1, 2], accelerator_type="L4"), NODES)

@@ -181,3 +181,24 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
         near = (np.abs(rgb - np.array(colour)).max(axis=-1) <= 12).sum()
         assert near > 2000, f"too few plot pixels of colour {colour}: {near}"
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_the_engines_of_the_last_run_are_in_the_report(tmp_path, ray_session):
+    """A real run reports each model's engine (busy, in flight, waiting, tokens/s) with every unit; the report shows
+    the last figures and plots their history."""
+    from recaption.config import load_config
+    from recaption.pipeline import run_pipeline
+    from tests.data import write_webdataset_dir
+
+    write_webdataset_dir(tmp_path / "in", 6, shard_size=2)
+    model = {"path": "fake", "engine": "fake", "prompts": ["short"], "num_cpus": 0.25, "fake": {"delay_s": 0.02}}
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [model]}
+    run_pipeline(load_config(None, data=data), progress=False)
+    progress = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    fake = progress["engines"]["fake"]
+    assert fake["actors"] == 1 and 0 < fake["busy"] <= 1 and fake["out_tokens_per_s"] > 0
+    assert len(progress["engine_history"]) == 3 and all("fake" in p for p in progress["engine_history"])
+    report = build_report(str(tmp_path / "out"))
+    assert report["engines"]["fake"] == fake and "engines.png" in report["plots"]
+    page = (tmp_path / "out" / "_report" / "index.html").read_text()
+    assert "Engines (last run)" in page and "alt='engines.png'" in page

@@ -16,7 +16,7 @@ from tests.data import make_image
 from tests.test_resume import kill_session, start
 
 N_IMAGES, SHARD_SIZE = 9, 3
-FAULTY = {"RECAPTION_FAULT": "engine:request-error", "RECAPTION_FAULT_SKIP": "1"}  # the actor's first unit passes
+FAULTY = {"RECAPTION_FAULT": "engine:request-error", "RECAPTION_FAULT_UNIT": "00002"}  # that unit's requests fail
 
 
 def write_input(tmp_path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from recaption.config import GenerationConfig
@@ -28,6 +29,16 @@ MODEL_CLASSES: dict[str, str] = {
     "chat": "AutoModelForImageTextToText",
 }
 _MAX_ERROR_CHARS = 500
+
+
+@dataclass
+class Prepared:
+    """A batch ready for `generate_prepared`: its requests and their tensors on the device."""
+
+    images: list[Image.Image]
+    prompts: list[str]
+    gen: GenerationConfig
+    inputs: dict[str, Any]
 
 
 class HFCaptioner:
@@ -74,15 +85,30 @@ class HFCaptioner:
     ) -> list[Generation]:
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they pair up by index")
-        default, self.gen = self.gen, generation or self.gen
+        gen = generation or self.gen
+        out: list[Generation] = []
+        for start in range(0, len(images), self.batch_size):
+            stop = start + self.batch_size
+            out.extend(self._caption_batch(images[start:stop], prompts[start:stop], gen.seed + start, gen))
+        return out
+
+    def prepare(
+        self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
+    ) -> Prepared:
+        """One batch's tensors, on the device: the CPU half of `caption`, run while the previous batch generates."""
+        gen = generation or self.gen
+        return Prepared(images, prompts, gen, self._encode(images, prompts))
+
+    def generate_prepared(self, prepared: Prepared) -> list[Generation]:
+        """The GPU half: `gen.n` Generations per request of a prepared batch. Raises what generate raises (the
+        runner then falls back to `caption`, which halves on OOM and isolates bad requests)."""
+        fault_raise("engine:cuda-error", lambda: RuntimeError("CUDA error: an illegal memory access was encountered"))
         try:
-            out: list[Generation] = []
-            for start in range(0, len(images), self.batch_size):
-                stop = start + self.batch_size
-                out.extend(self._caption_batch(images[start:stop], prompts[start:stop], seed=self.gen.seed + start))
-            return out
-        finally:
-            self.gen = default
+            return self._run(prepared.inputs, prepared.gen.seed, prepared.gen)
+        except Exception as e:
+            if engine_dead(e):
+                raise EngineDeadError(f"the {self.device} device failed: {type(e).__name__}: {e}") from e
+            raise
 
     def versions(self) -> dict[str, str]:
         import torch
@@ -99,18 +125,20 @@ class HFCaptioner:
             "device": str(self.device),
         }
 
-    def _caption_batch(self, images: list[Image.Image], prompts: list[str], seed: int) -> list[Generation]:
+    def _caption_batch(
+        self, images: list[Image.Image], prompts: list[str], seed: int, gen: GenerationConfig
+    ) -> list[Generation]:
         import torch
 
         try:
-            return self._generate(images, prompts, seed)
+            return self._generate(images, prompts, seed, gen)
         except torch.cuda.OutOfMemoryError:
             if len(images) == 1:  # n generations per request, like any other result, so captions stay aligned
-                return [_error("CUDA out of memory on a single image even at batch size 1")] * self.gen.n
+                return [_error("CUDA out of memory on a single image even at batch size 1")] * gen.n
             torch.cuda.empty_cache()
             half = len(images) // 2  # a smaller batch may fit; the halves keep their order
-            return self._caption_batch(images[:half], prompts[:half], seed) + self._caption_batch(
-                images[half:], prompts[half:], seed + half
+            return self._caption_batch(images[:half], prompts[:half], seed, gen) + self._caption_batch(
+                images[half:], prompts[half:], seed + half, gen
             )
         except EngineDeadError:
             raise
@@ -118,34 +146,41 @@ class HFCaptioner:
             if engine_dead(e):  # a faulted CUDA context fails every later call too: the actor must be replaced
                 raise EngineDeadError(f"the {self.device} device failed: {type(e).__name__}: {e}") from e
             if len(images) == 1:
-                return [_error(f"{type(e).__name__}: {e}")] * self.gen.n
+                return [_error(f"{type(e).__name__}: {e}")] * gen.n
             return [
                 g
                 for i in range(len(images))
-                for g in self._caption_batch(images[i : i + 1], prompts[i : i + 1], seed + i)
+                for g in self._caption_batch(images[i : i + 1], prompts[i : i + 1], seed + i, gen)
             ]
 
-    def _generate(self, images: list[Image.Image], prompts: list[str], seed: int) -> list[Generation]:
-        import torch
-
+    def _generate(
+        self, images: list[Image.Image], prompts: list[str], seed: int, gen: GenerationConfig
+    ) -> list[Generation]:
         fault_raise("engine:cuda-error", lambda: RuntimeError("CUDA error: an illegal memory access was encountered"))
+        return self._run(self._encode(images, prompts), seed, gen)
+
+    def _encode(self, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
         texts = [self._format(p) for p in prompts]
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         encoding = self.processor(images=rgb, text=texts, return_tensors="pt", padding=True)
-        inputs = {k: _to(v, self.device, self.dtype) for k, v in encoding.items()}
+        return {k: _to(v, self.device, self.dtype) for k, v in encoding.items()}
+
+    def _run(self, inputs: dict[str, Any], seed: int, gen: GenerationConfig) -> list[Generation]:
+        import torch
+
         # Seeded per batch (by its first item's index), so one failed or retried batch leaves the others' draws alone.
         torch.manual_seed(seed)
-        stop = {"tokenizer": self.tokenizer} if self.gen.stop else {}
+        stop = {"tokenizer": self.tokenizer} if gen.stop else {}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=self._generation_config(), **stop)
+            output = self.model.generate(**inputs, generation_config=self._generation_config(gen), **stop)
         input_ids = inputs.get("input_ids")
-        if input_ids is not None and self.gen.n > 1:
-            input_ids = input_ids.repeat_interleave(self.gen.n, dim=0)  # num_return_sequences rows per input
+        if input_ids is not None and gen.n > 1:
+            input_ids = input_ids.repeat_interleave(gen.n, dim=0)  # num_return_sequences rows per input
         results = []
         for row in self._new_tokens(output, input_ids).tolist():
             n, reason = count_tokens(row, self.eos_ids, self.pad_id)
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            text, stopped = cut_at_stop(text, self.gen.stop)
+            text, stopped = cut_at_stop(text, gen.stop)
             results.append(Generation(text=text, n_tokens=n, finish_reason="stop" if stopped else reason))
         return results
 
@@ -154,17 +189,18 @@ class HFCaptioner:
             self._formatted[prompt] = format_prompt(self.info.family, prompt, self.processor)
         return self._formatted[prompt]
 
-    def _generation_config(self) -> Any:
+    def _generation_config(self, gen: GenerationConfig | None = None) -> Any:
+        gen = gen or self.gen
         config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = self.gen.max_new_tokens
-        config.repetition_penalty = self.gen.repetition_penalty
+        config.max_new_tokens = gen.max_new_tokens
+        config.repetition_penalty = gen.repetition_penalty
         config.pad_token_id = self.pad_id
         config.num_beams = 1
-        config.num_return_sequences = self.gen.n
-        config.stop_strings = self.gen.stop or None
-        if self.gen.temperature > 0:
+        config.num_return_sequences = gen.n
+        config.stop_strings = gen.stop or None
+        if gen.temperature > 0:
             # Plain nucleus sampling like vLLM's; transformers would add top_k=50 otherwise.
-            config.update(do_sample=True, temperature=self.gen.temperature, top_p=self.gen.top_p, top_k=0)
+            config.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0)
         else:
             config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return config

@@ -102,6 +102,9 @@ class VLLMCaptioner:
         self.llm, self.processor = load_engine(model, self.info)
         self._formatted: dict[str, str] = {}
         self.watchdog = EngineWatchdog(on_engine_dead or _end_process)
+        import logging
+
+        logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)  # its "Avg throughput" every 10 s
 
     def caption(
         self, images: list[Image.Image], prompts: list[str], generation: GenerationConfig | None = None
@@ -111,7 +114,7 @@ class VLLMCaptioner:
         if not images:
             return []
         gen = generation or self.gen
-        requests = [self._request(im, p) for im, p in zip(images, prompts, strict=True)]
+        requests = [self.vllm_request(im, p) for im, p in zip(images, prompts, strict=True)]
         params = [sampling_params(gen, i) for i in range(len(requests))]
         fault_call("engine:kill-core", self.watchdog.kill_engine_soon)
         try:  # one call: vLLM's continuous batching keeps the accelerator full across all of them
@@ -142,7 +145,8 @@ class VLLMCaptioner:
             "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
         }
 
-    def _request(self, image: Image.Image, prompt: str) -> dict[str, Any]:
+    def vllm_request(self, image: Image.Image, prompt: str) -> dict[str, Any]:
+        """One request as vLLM takes it: the chat-formatted prompt and the image."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return {"prompt": self._format(prompt), "multi_modal_data": {"image": rgb}}
 
@@ -275,6 +279,13 @@ def sampling_params(gen: GenerationConfig, index: int) -> Any:
     return SamplingParams(**sampling_kwargs(gen, index))
 
 
+def final_only(params: Any) -> None:
+    """Makes a request report once, when finished (what `LLM.generate` does), not at every step."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+
+
 def sampling_kwargs(gen: GenerationConfig, index: int) -> dict[str, Any]:
     """The `vllm.SamplingParams` arguments of request `index` of a call."""
     return {
@@ -314,6 +325,8 @@ def engine_args(model: ModelConfig, path: str) -> dict[str, Any]:
         "enforce_eager": v.enforce_eager,
         "limit_mm_per_prompt": dict(v.limit_mm_per_prompt),
         "seed": v.seed if v.seed is not None else gen.seed,
+        # Engine statistics on: the caption stage reports the prefix-cache hit rate (their periodic log is muted).
+        "disable_log_stats": False,
     }
     optional = {
         "max_model_len": v.max_model_len,

@@ -78,10 +78,10 @@ def test_a_failing_request_only_fails_itself(tiny, monkeypatch):
     engine = captioner(tiny["llava"], batch_size=2)
     real = engine._generate
 
-    def flaky(imgs, prompts, seed):
+    def flaky(imgs, prompts, seed, gen):
         if "boom" in prompts:
             raise RuntimeError("simulated engine failure")
-        return real(imgs, prompts, seed)
+        return real(imgs, prompts, seed, gen)
 
     monkeypatch.setattr(engine, "_generate", flaky)
     out = engine.caption(images(6), ["a", "b", "boom", "c", "d", "e"])
@@ -172,11 +172,11 @@ def test_out_of_memory_halves_the_batch_keeps_order_and_n_per_request(tiny, monk
     engine = captioner(tiny["llava"], batch_size=4, temperature=1.0, n=3, seed=3)
     real, sizes = engine._generate, []
 
-    def tight_memory(imgs, prompts, seed):
+    def tight_memory(imgs, prompts, seed, gen):
         sizes.append(len(imgs))
         if len(imgs) > 1 or "huge" in prompts:  # only single requests fit; "huge" fits nowhere
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(imgs, prompts, seed)
+        return real(imgs, prompts, seed, gen)
 
     monkeypatch.setattr(engine, "_generate", tight_memory)
     imgs, prompts = images(4), ["a", "b", "huge", "c"]

@@ -276,6 +276,7 @@ def test_engine_arguments_come_from_the_model_config():
         "enforce_eager": True,
         "limit_mm_per_prompt": {"image": 2},
         "seed": 5,  # generation.seed unless vllm.seed is set
+        "disable_log_stats": False,  # the prefix-cache hit rate in the progress line needs the engine's statistics
         "max_model_len": 2048,
         "max_num_seqs": 64,
         "quantization": "awq",
@@ -323,37 +324,62 @@ def test_sampling_arguments_come_from_the_generation_config():
         assert (params.max_tokens, params.repetition_penalty, params.stop) == (77, 1.3, ["\n\n"])
 
 
-class FakeLLM:
-    """Stands in for `vllm.LLM`: records each generate call and answers every request with one completion."""
+class FakeEngine:
+    """Stands in for `vllm.LLM().llm_engine`: records each request as it is added; every `step` gives each request
+    its first token (a running output), and finishes it at the next step (one completion)."""
 
     def __init__(self):
-        self.calls: list[tuple[list[dict], list[dict]]] = []
+        self.added: list[tuple[str, dict, object]] = []
+        self.log: list[str] = []  # "add <rid>" / "step" in order
+        self.running: dict[str, int] = {}
 
-    def generate(self, requests, params, use_tqdm=True):
+    def add_request(self, rid, request, params):
+        self.added.append((rid, request, params))
+        self.log.append(f"add {rid}")
+        self.running[rid] = 0
+
+    def has_unfinished_requests(self):
+        return bool(self.running)
+
+    def step(self):
         from types import SimpleNamespace
 
-        self.calls.append((requests, params))
-        return [
-            SimpleNamespace(outputs=[SimpleNamespace(text=f" caption {i} ", token_ids=[7, 8, 2], finish_reason="stop")])
-            for i in range(len(requests))
-        ]
+        self.log.append("step")
+        outputs = []
+        for rid in list(self.running):
+            self.running[rid] += 1
+            done = self.running[rid] == 2
+            text = f" caption {[r for r, _, _ in self.added].index(rid)} "
+            completion = SimpleNamespace(text=text, token_ids=[7, 8, 2], finish_reason="stop" if done else None)
+            outputs.append(SimpleNamespace(request_id=rid, finished=done, outputs=[completion]))
+            if done:
+                del self.running[rid]
+        return outputs
+
+    def abort_request(self, rids):
+        for rid in rids:
+            self.running.pop(rid, None)
 
 
-def test_a_unit_is_one_generate_call_with_every_image_and_prompt(tmp_path, monkeypatch):
-    """The caption stage hands a unit's ok images × the model's prompts to the engine at once, and the vLLM engine
-    submits them in one `llm.generate` call (continuous batching then keeps the GPU full), image-major."""
+def test_a_units_requests_enter_the_engine_one_by_one_image_first_prompt_first(tmp_path, monkeypatch):
+    """The caption stage adds each (image, prompt) to vLLM's engine as soon as the image is decoded and steps the
+    engine continuously; of one image's prompts, the first enters alone and the others once it has a token (its
+    prefill done, so theirs hit the prefix cache); captions land on their own images and prompts."""
+    from types import SimpleNamespace
+
     import pyarrow as pa
 
     from recaption.captioning import CaptionStage
     from recaption.stages import PAYLOAD_SCHEMA
 
-    llm = FakeLLM()
+    engine = FakeEngine()
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
     monkeypatch.setattr(
         vllm_engine, "resolve_model", lambda *a: ModelInfo("/ckpt", "llava", ["LlavaForConditionalGeneration"])
     )
-    monkeypatch.setattr(vllm_engine, "load_engine", lambda model, info: (llm, None))
-    monkeypatch.setattr(vllm_engine, "sampling_params", sampling_kwargs)  # plain dicts: no vllm needed
+    monkeypatch.setattr(vllm_engine, "load_engine", lambda model, info: (SimpleNamespace(llm_engine=engine), None))
+    monkeypatch.setattr(vllm_engine, "sampling_params", lambda gen, i: SimpleNamespace(**sampling_kwargs(gen, i)))
+    monkeypatch.setattr(vllm_engine, "final_only", lambda params: setattr(params, "output_kind", "FINAL_ONLY"))
     texts = {"detailed": "Describe it in detail.", "short": "Say it short."}
     model = {"path": "m", "name": "m", "engine": "vllm", "num_gpus": 0, "prompts": ["detailed", "short"]}
     model["generation"] = {"max_new_tokens": 12, "repetition_penalty": 1.1}
@@ -365,17 +391,30 @@ def test_a_unit_is_one_generate_call_with_every_image_and_prompt(tmp_path, monke
         for i in range(4)
     ]  # fmt: skip
     table = stage.caption_unit("u", pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))
-    assert len(llm.calls) == 1
-    requests, params = llm.calls[0]
-    assert [r["prompt"] for r in requests] == [f"USER: <image>\n{texts[p]} ASSISTANT:" for _ in range(3) for p in texts]
-    assert all(r["multi_modal_data"]["image"].mode == "RGB" for r in requests)
-    assert [(p["max_tokens"], p["repetition_penalty"]) for p in params] == [(12, 1.1)] * 6
+    assert len(engine.added) == 6  # 3 decodable images × 2 prompts, one request each
+    prompts = [r["prompt"] for _, r, _ in engine.added]
+    assert sorted(prompts) == sorted(f"USER: <image>\n{texts[p]} ASSISTANT:" for _ in range(3) for p in texts)
+    assert all(r["multi_modal_data"]["image"].mode == "RGB" for _, r, _ in engine.added)
+    assert all((p.max_tokens, p.repetition_penalty) == (12, 1.1) for _, _, p in engine.added)
+    for rid, request, params in engine.added:  # a follower enters only after a step gave its leader a token
+        if request["prompt"].endswith(f"{texts['short']} ASSISTANT:"):
+            assert params.output_kind == "FINAL_ONLY"
+            assert "step" in engine.log[: engine.log.index(f"add {rid}")]
     out = table.to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "failed", "ok"]  # the undecodable image never reached vLLM
+    from recaption.config import ImageConfig
+    from recaption.images import decode_image
+
+    for i, row in enumerate(out):
+        for cap in row["captions"]:  # each caption is the one its own request (image, prompt) got
+            _, request, _ = engine.added[int(cap["text"].split()[-1])]
+            assert (
+                request["multi_modal_data"]["image"].tobytes()
+                == decode_image(make_image(i), ImageConfig()).image.tobytes()
+            )
+            assert request["prompt"].endswith(f"{cap['prompt_text']} ASSISTANT:")
     captions = [c for r in out for c in r["captions"]]
-    assert [(c["prompt"], c["prompt_text"], c["text"]) for c in captions] == [
-        (p, texts[p], f"caption {i}") for i, p in enumerate(["detailed", "short"] * 3)
-    ]
+    assert [c["prompt"] for c in captions] == ["detailed", "short"] * 3
     assert all(c["n_tokens"] == 3 and c["finish_reason"] == "stop" for c in captions)
 
 
