@@ -48,7 +48,7 @@ class CaptionStage:
         model_cfg: dict,
         prompt_texts: dict[str, str],
         post_cfg: dict,
-        output_path: str,
+        output_path: str | None,
         image_cfg: dict | None = None,
         keep_images: bool = True,
     ):
@@ -61,7 +61,7 @@ class CaptionStage:
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.keep_images = keep_images
-        self.out = open_output(output_path)
+        self.out = open_output(output_path) if output_path else None  # None: attempts are not counted
         self.n = self.model.generation.n
         self.captioner = build_captioner(self.model)
         self.runner = make_runner(self.captioner, self.model)
@@ -289,6 +289,8 @@ class CaptionStage:
     def attempts_so_far(self, unit: str) -> int:
         """Attempts at the unit that started and never committed in this run: each one ended with its actor. The
         count is this run's: `OutputDir.prepare` clears what a killed run left."""
+        if self.out is None:
+            return 0
         path = self.out.attempts_path(unit, self.model.id)
         try:
             if not self.out.fs.get_file_info(path).is_file:
@@ -299,6 +301,8 @@ class CaptionStage:
 
     def uncount_attempt(self, unit: str, crashed: int) -> None:
         """Puts the count back to the crashes before this attempt, which ended without one."""
+        if self.out is None:
+            return
         if crashed:
             self.count_attempt(unit, crashed)
         else:
@@ -309,6 +313,8 @@ class CaptionStage:
 
     def count_attempt(self, unit: str, attempt: int) -> None:
         """Records, before the engine sees the unit, that attempt number `attempt` started."""
+        if self.out is None:
+            return
         path = self.out.attempts_path(unit, self.model.id)
         try:
             self.out.write_json(path, {"attempts": attempt, "model": self.model.id, "unit": unit})

@@ -205,11 +205,15 @@ def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from recaption.config import load_config
-    from recaption.pipeline import run_pipeline
+    from recaption.api import run
 
-    cfg = load_config(args.config, args.overrides)
-    summary = run_pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite, retry_failed=args.retry_failed)
+    summary = run(
+        args.config,
+        args.overrides,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+    )
     print_summary(summary)
     return 1 if summary.unit_errors else 0
 
