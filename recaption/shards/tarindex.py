@@ -196,11 +196,11 @@ class TarIndex:
             return None
 
 
-def build_index(raf: pa.NativeFile, size: int, window: int = WINDOW_BYTES) -> TarIndex:
+def build_index(raf: pa.NativeFile, size: int, window: int | None = None) -> TarIndex:
     """Walks the tar's headers (tarfile's random-access mode seeks over member data) and groups members into samples
     exactly as the streaming reader does. A transient storage error is raised (the caller retries); a corrupt or cut
     tar stops the walk where tarfile stops, which is where the streaming reader stops too."""
-    f = WindowedFile(raf, size, window)
+    f = WindowedFile(raf, size, window or WINDOW_BYTES)
     index = TarIndex(size)
     key: str | None = None
     exts: set[str] = set()
