@@ -128,6 +128,8 @@ class DoneManifest:
             data = retrying(lambda: self.out.read_bytes(self.path), f"{self.out.uri}/{DONE_MANIFEST}", "read")
         except FileNotFoundError:
             return {}
+        except (OSError, pa.ArrowException):  # not gzip: read as damaged, below
+            data = b""
         try:
             record = json.loads(data)
             if record.get("format") == FORMAT:
