@@ -37,7 +37,7 @@ from recaption.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("data", "engine", "trainer", "scaling")
+SECTIONS = ("data", "engine", "trainer", "scaling", "plan")
 
 
 @dataclass
@@ -129,6 +129,10 @@ def run_bench(
             bench_engine(result, work, sizes, engine, model, cpus, pipeline)
         if "trainer" in sections:
             bench_trainer(result, work, sizes, cpus)
+        if "plan" in sections:  # a start over 10 000 and 100 000 units on a local S3 server (bench_plan.py)
+            from recaption.bench_plan import bench_plan
+
+            bench_plan(result, work, sizes.is_quick)
     finally:
         _stop_ray()
     print()

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="measure each stage against its own limit (a bare loop of the same work): a table of ratios"
     )
-    bench.add_argument("sections", nargs="*", help="data, engine, trainer, scaling (default: all)")
+    bench.add_argument("sections", nargs="*", help="data, engine, trainer, scaling, plan (default: all)")
     bench.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks that the bench runs, figures mean little"
     )

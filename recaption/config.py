@@ -34,7 +34,10 @@ class InputConfig(Strict):
     )
     format: InputFormat = "auto"
     unit_size: int = Field(
-        10_000, gt=0, description="Rows per work unit for parquet, HF and folder inputs; a tar shard is one unit"
+        10_000,
+        gt=0,
+        description="Rows (samples) per work unit, for every format: a tar with more samples is cut into units "
+        "<id>-s0000, <id>-s0001… read with ranged reads (a .tar.gz stays one unit)",
     )
     image_column: str | None = Field(
         None, description="Image column of parquet/HF inputs (bytes, {bytes,path} or path)"

@@ -55,6 +55,7 @@ def run_pipeline(
     An output written with another config is refused unless `overwrite`, which deletes it first. With
     `retry_failed`, the failed rows of done units are captioned again too and replace their rows in place (the other
     rows are not touched). `on_unit` sees each unit's summary row as it is committed (the benchmark times them)."""
+    from recaption.manifest import DoneManifest
     from recaption.shards.plan import plan_units
 
     prompt_texts = resolve_prompts(cfg)
@@ -62,12 +63,12 @@ def run_pipeline(
     check_paths(cfg)
     out = open_output(cfg.output.path)
     out.claim()  # a foreign directory is refused before anything is written into it
-    with Lease(out, cfg.output.lease_timeout_s).acquire() as lease:
-        units = plan_units(cfg.input)
-        out.prepare()
+    with Lease(out, cfg.output.lease_timeout_s).acquire() as lease, DoneManifest(out).kept_current() as manifest:
+        units = plan_units(cfg.input, cfg.output.path)  # tar counts and indexes are cached in the output
         if overwrite:
             out.clear()
-        done = out.done_units()
+        done = manifest.refresh()  # one listing of the markers; only those the manifest lacks are read
+        out.prepare(done)
         check_same_config(cfg, out, done)
         todo = [u for u in units if u.unit not in done]
         if retry_failed:

@@ -8,6 +8,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -158,31 +159,38 @@ class OutputDir:
     def _entries(self) -> list[pafs.FileInfo]:
         return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
 
-    def prepare(self) -> None:
+    def prepare(self, done: Collection[str] | None = None) -> None:
         """Creates the directories and removes what a killed run left behind, matching only names a run writes:
         temp files, part files whose unit has no marker (so readers never see rows of a unit that is not done),
         and attempt counts (a run killed while captioning is no engine crash: only actor deaths within one run
-        count against `max_unit_attempts`)."""
+        count against `max_unit_attempts`). `done`: the done units, where the caller has listed them already."""
+        from recaption.manifest import remove_temps
+
+        done = set(done) if done is not None else set(self.marker_infos())
         for directory in (self.root, self.path(DONE_DIR), self.path(ATTEMPTS_DIR)):
             self.fs.create_dir(directory, recursive=True)
+            if directory == self.path(DONE_DIR) and not self.atomic_rename:
+                continue  # object stores: markers are written in one PUT, never under a temp name
             for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
                 ours = info.base_name.startswith(TMP_PREFIX)
                 ours |= directory.endswith(ATTEMPTS_DIR) and info.base_name.endswith(ATTEMPTS_SUFFIX)
+                unit = unit_of_part(info.base_name) if directory == self.root else None
+                ours |= unit is not None and unit not in done
                 if info.is_file and ours:
                     self.fs.delete_file(info.path)
-        done = self.done_units()
-        for info in self._entries():
-            unit = unit_of_part(info.base_name)
-            if info.is_file and unit is not None and unit not in done:
-                self.fs.delete_file(info.path)
+        remove_temps(self)
 
     def delete_if_exists(self, path: str) -> None:
         if self.fs.get_file_info(path).is_file:
             self.fs.delete_file(path)
 
     def clear(self) -> None:
-        """Deletes what earlier runs wrote here, nothing else: markers first, then part files, then run info, so a
-        kill at any point leaves part files without markers, which the next run removes and redoes."""
+        """Deletes what earlier runs wrote here, nothing else: the done manifest and markers first, then part files,
+        then run info, so a kill at any point leaves part files without markers, which the next run removes and
+        redoes."""
+        from recaption.manifest import DONE_MANIFEST
+
+        self.delete_if_exists(self.path(DONE_MANIFEST))
         markers = self.fs.get_file_info(pafs.FileSelector(self.path(DONE_DIR), allow_not_found=True))
         for info in markers:
             if info.is_file and unit_of_marker(info.base_name) is not None:
@@ -198,14 +206,21 @@ class OutputDir:
         self.delete_if_exists(self.path(RUN_INFO))
 
     def done_units(self) -> dict[str, dict]:
-        """Units whose marker exists: a unit is done iff its marker exists."""
+        """Units whose marker exists (a unit is done iff its marker exists), with what each marker says: one listing
+        of the markers, and only those the done manifest lacks are read (see `recaption.manifest`)."""
+        from recaption.manifest import DoneManifest
+
+        return DoneManifest(self).refresh()
+
+    def marker_infos(self) -> dict[str, pafs.FileInfo]:
+        """The markers as listed (no content read), by unit."""
         selector = pafs.FileSelector(self.path(DONE_DIR), allow_not_found=True)
-        done = {}
+        found = {}
         for info in self.fs.get_file_info(selector):
             unit = unit_of_marker(info.base_name)
             if info.is_file and unit is not None:
-                done[unit] = json.loads(self.read_bytes(info.path))
-        return done
+                found[unit] = info
+        return found
 
     def part_paths(self) -> list[str]:
         """The output's part files, sorted (an older output's `part-*.parquet` where the directory has no owner

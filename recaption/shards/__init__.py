@@ -18,6 +18,7 @@ class WorkUnit:
     members: tuple[str, ...] = ()  # folder inputs: the image files (relative to the input root) of this unit
     keys: tuple[str, ...] = ()  # folder inputs: each member's key, chosen at planning so keys are input-wide unique
     retry: bool = False  # a done unit whose failed rows are captioned again (`recaption run --retry-failed`)
+    index: str = ""  # split tars: where the tar's member index is cached (`<output>/_index/<id>.recaption.json`)
 
     def to_dict(self) -> dict:
         d = asdict(self)

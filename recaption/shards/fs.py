@@ -42,6 +42,7 @@ class FileEntry:
 
     path: str
     size: int | None
+    mtime_ns: int | None = None  # from the listing: with the size, tells whether a cache about the file still holds
 
 
 def is_uri(path: str) -> bool:
@@ -133,7 +134,7 @@ def list_files(uri: str) -> list[FileEntry]:
     """All files below directory `uri`, recursively, sorted by relative path; a file lists as its own name."""
     fi = info(uri)
     if fi.type == pafs.FileType.File:
-        return [FileEntry(basename(uri), fi.size)]
+        return [FileEntry(basename(uri), fi.size, fi.mtime_ns)]
     fs, path = resolve(uri)
     try:
         infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), uri, "list")
@@ -141,7 +142,9 @@ def list_files(uri: str) -> list[FileEntry]:
         raise InputError(f"cannot list {display(uri)}: {redact_text(str(e))}") from None
     root = path.rstrip("/") + "/"
     entries = [
-        FileEntry(i.path[len(root) :] if i.path.startswith(root) else posixpath.relpath(i.path, path), i.size)
+        FileEntry(
+            i.path[len(root) :] if i.path.startswith(root) else posixpath.relpath(i.path, path), i.size, i.mtime_ns
+        )
         for i in infos
         if i.type == pafs.FileType.File
     ]
@@ -181,6 +184,39 @@ def read_bytes(uri: str) -> bytes:
         return retrying(read, uri, "read")
     except (pa.ArrowException, OSError) as e:
         raise _read_error(uri, e) from None
+
+
+def read_optional(uri: str) -> bytes | None:
+    """The content of a file of ours that may not exist (a cache): None when it does not."""
+    try:
+        return read_bytes(uri)
+    except Unreachable:
+        raise
+    except InputError as e:
+        if "not found" in str(e):
+            return None
+        raise
+
+
+def write_small(uri: str, data: bytes) -> None:
+    """Writes a small file so that readers see the old content or the new, never a part: one PUT on object stores,
+    a temporary name renamed on file systems."""
+    fs, path = resolve(uri)
+    directory, name = posixpath.split(path)
+    fs.create_dir(directory, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path, compression=None) as f:
+            f.write(data)
+        return
+    tmp = posixpath.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(tmp)
+        raise
 
 
 def open_output(uri: str) -> pa.NativeFile:

@@ -19,6 +19,7 @@ from recaption.shards.folder import folder_keys, is_image_file
 from recaption.shards.fs import FileEntry, display, info, join, list_files, open_input, parent, retrying
 from recaption.shards.hf import MARKERS, arrow_files, arrow_rows
 from recaption.shards.parquet import looks_like_img2dataset, parquet_rows, resolve_columns
+from recaption.shards.tarplan import tar_units
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LOOKED_FOR = (
@@ -42,12 +43,16 @@ def detect_format(input_cfg: InputConfig) -> str:
     return _detect(input_cfg, _scan(input_cfg))
 
 
-def plan_units(input_cfg: InputConfig) -> list[WorkUnit]:
-    """All work units of the input, sorted by id, at most `input.max_units`."""
+def plan_units(input_cfg: InputConfig, output: str | None = None) -> list[WorkUnit]:
+    """All work units of the input, the first `input.max_units` by id. With `output` (the run's output path), what
+    splitting tars costs to learn (sample counts, member indexes) is cached there and read back on the next plan.
+
+    Units come sorted by id, except a split tar's: its units come slice-major (the first unit of every tar, then
+    the second…), so the first one indexes the tar and its siblings, read later, find the index cached."""
     scanned = _scan(input_cfg)
     fmt = _detect(input_cfg, scanned)
     if fmt == "webdataset":
-        units = _tar_units(scanned)
+        units = _tar_units(scanned, input_cfg.unit_size, output)
     elif fmt == "folder":
         units = _folder_units(scanned, input_cfg.unit_size)
     elif fmt == "hf":
@@ -56,7 +61,10 @@ def plan_units(input_cfg: InputConfig) -> list[WorkUnit]:
         shards = [f.path for f in scanned.files if f.path.endswith(".parquet")]
         units = _row_units(scanned, shards, fmt, parquet_rows, input_cfg)
     units.sort(key=lambda u: u.unit)
-    return units[: input_cfg.max_units] if input_cfg.max_units else units
+    units = units[: input_cfg.max_units] if input_cfg.max_units else units
+    if fmt == "webdataset":
+        units.sort(key=lambda u: (u.start // input_cfg.unit_size, u.unit))
+    return units
 
 
 def _scan(cfg: InputConfig) -> _Input:
@@ -108,7 +116,7 @@ def _unique_ids(rels: list[str]) -> dict[str, str]:
     return {r: i if counts[i] == 1 else f"{i}-h{hashlib.sha1(r.encode()).hexdigest()[:8]}" for r, i in ids.items()}
 
 
-def _tar_units(scanned: _Input) -> list[WorkUnit]:
+def _tar_units(scanned: _Input, unit_size: int, output: str | None) -> list[WorkUnit]:
     tars = [f for f in scanned.files if f.path.endswith(TAR_SUFFIXES)]
     if not tars:
         raise InputError(f"no .tar shards at {display(scanned.root)}")
@@ -117,7 +125,17 @@ def _tar_units(scanned: _Input) -> list[WorkUnit]:
     ):
         raise InputError(f"input {display(scanned.root)} is empty: its {len(tars)} tar shards hold no members")
     ids = _unique_ids([f.path for f in tars])
-    return [WorkUnit(ids[f.path], f.path, join(scanned.root, f.path), "webdataset") for f in tars]
+    units = tar_units(scanned.root, tars, {f.path for f in scanned.files}, ids, unit_size, output)
+    counts: dict[str, int] = {}
+    for u in units:
+        counts[u.unit] = counts.get(u.unit, 0) + 1
+    clashes = sorted(i for i, n in counts.items() if n > 1)
+    if clashes:  # `x.tar` cut into `x-s0000`… beside a tar named `x-s0000.tar`
+        raise InputError(
+            f"tar shards at {display(scanned.root)} give the same unit id twice ({', '.join(clashes[:3])}): rename "
+            "the tar whose name ends in -sNNNN, or set input.unit_size to at least its sample count"
+        )
+    return units
 
 
 def _has_member(uri: str) -> bool:

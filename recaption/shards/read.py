@@ -38,10 +38,12 @@ def read_unit(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
     reader = READERS.get(unit.format)
     if reader is None:
         raise InputError(f"unit {unit.unit}: unknown input format {unit.format!r}, expected one of {sorted(READERS)}")
-    seen: dict[str, int] = {}
     n = 0
+    seen: dict[str, int] | None = None  # kept across attempts: the records given before a retry hold their keys
     for attempt in range(1, fs.READ_ATTEMPTS + 1):
         try:
+            if seen is None:
+                seen = _keys_before(unit)
             for i, record in enumerate(reader(unit, input_cfg)):
                 if i < n:
                     continue  # given before the stream broke
@@ -72,8 +74,22 @@ def read_unit(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
             stem = posixpath.splitext(unit.source or unit.unit)[0]
             rows = "" if unit.stop is None else f" of rows [{unit.start}, {unit.stop})"
             error = redact_text(f"cannot read {where} after {n} rows{rows}: {e}")
-            yield _unique(SourceRecord(key=f"{stem}#unreadable", image=None, error=error), seen, unit)
+            yield _unique(
+                SourceRecord(key=f"{stem}#unreadable", image=None, error=error), seen if seen is not None else {}, unit
+            )
             return
+
+
+def _keys_before(unit: WorkUnit) -> dict[str, int]:
+    """The keys the samples before a slice of a split tar take (its index has them), so that a key repeated across
+    slices fails as it does when the whole tar is one unit: the rows of a split tar are those of the whole tar."""
+    seen: dict[str, int] = {}
+    if tar.is_split(unit) and unit.start > 0:
+        index = tar.unit_index(unit)
+        stem = posixpath.splitext(unit.source or unit.unit)[0]
+        for i, key in enumerate(index.keys[: unit.start]):
+            _claim(key if key.strip() else f"{stem}/{i}", seen)
+    return seen
 
 
 def _keyed(record: SourceRecord, unit: WorkUnit, i: int) -> SourceRecord:
@@ -84,19 +100,27 @@ def _keyed(record: SourceRecord, unit: WorkUnit, i: int) -> SourceRecord:
     return dataclasses.replace(record, key=f"{stem}/{unit.start + i}")
 
 
-def _unique(record: SourceRecord, seen: dict[str, int], unit: WorkUnit) -> SourceRecord:
-    dups = seen.get(record.key)
+def _claim(key: str, seen: dict[str, int]) -> str | None:
+    """Records `key` as taken; for a key taken before, the new, still unique key its row gets instead."""
+    dups = seen.get(key)
     if dups is None:
-        seen[record.key] = 0
-        return record
+        seen[key] = 0
+        return None
     # The first row with a key keeps it; later ones are kept as failed rows under a new, still unique key.
     while True:
         dups += 1
-        new_key = f"{record.key}#dup{dups}"
+        new_key = f"{key}#dup{dups}"
         if new_key not in seen:
             break
-    seen[record.key] = dups
+    seen[key] = dups
     seen[new_key] = 0
+    return new_key
+
+
+def _unique(record: SourceRecord, seen: dict[str, int], unit: WorkUnit) -> SourceRecord:
+    new_key = _claim(record.key, seen)
+    if new_key is None:
+        return record
     error = f"duplicate key {record.key!r} in {unit.source or unit.unit}: the first row with it is kept"
     return SourceRecord(
         key=new_key, image=None, url=record.url, alt_text=record.alt_text, error=error, source=record.source

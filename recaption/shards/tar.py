@@ -1,12 +1,15 @@
-"""Webdataset tar shards as img2dataset writes them: a streamed reader that never extracts, and a writer."""
+"""Webdataset tar shards as img2dataset writes them: a streamed reader that never extracts (a whole tar, or the byte
+range of one unit of a split tar), and a writer."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import re
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,9 +19,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaption.config import InputConfig
+from recaption.redact import redact_text
 from recaption.retry import is_transient
 from recaption.shards import SourceRecord, WorkUnit
-from recaption.shards.fs import atomic_output, join, open_input
+from recaption.shards.fs import (
+    Unreachable,
+    atomic_output,
+    display,
+    join,
+    open_input,
+    open_input_file,
+    read_optional,
+    write_small,
+)
+from recaption.shards.tarindex import END_OF_ARCHIVE, RangeStream, TarIndex, build_index, new_sample, skipped, split_key
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MAX_MEMBER_BYTES = 256 << 20  # one image member larger than this is refused, not read into memory
@@ -27,13 +43,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 # What a cut or corrupt shard raises while streaming (pyarrow's decompressors raise OSError on a cut .gz).
 _STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, pa.ArrowException, OSError)
 
-
-def split_key(name: str) -> tuple[str, str]:
-    """Webdataset grouping: `dir/000042.jpg` → (`dir/000042`, `jpg`); the key ends at the basename's first dot."""
-    name = name.removeprefix("./")
-    head, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(head, stem) if head else stem, ext.lower()
+__all__ = ["split_key", "unsafe_name", "iter_records", "read_samples", "unit_index", "write_webdataset"]
 
 
 def unsafe_name(name: str) -> bool:
@@ -88,23 +98,40 @@ class _Sample:
         return SourceRecord(key=self.key, image=self.image, url=url, alt_text=alt_text, meta=meta)
 
 
+def is_split(unit: WorkUnit) -> bool:
+    """A unit that is a slice of its tar (`<id>-s0003`), not the whole of it."""
+    return unit.format == "webdataset" and not (unit.start == 0 and unit.stop is None)
+
+
 def iter_records(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
-    """One record per sample of the shard, streamed; duplicate keys come out as they are (read_unit renames them)."""
-    with open_input(unit.uri) as stream:
-        yield from read_samples(stream, unit.source)
+    """One record per sample of the shard (or of the unit's slice of it), streamed; duplicate keys come out as they
+    are (read_unit renames them)."""
+    if not is_split(unit):
+        with open_input(unit.uri) as stream:
+            yield from read_samples(stream, unit.source)
+        return
+    with open_input_file(unit.uri) as f:
+        index = unit_index(unit, f)
+        part = index.slice(unit.start, unit.stop)
+        _check_planned_count(unit, index, input_cfg.unit_size)
+        if part is None:
+            return  # the tar has fewer samples than planned: this unit has none
+        stream = RangeStream(f, part.begin, part.end, part.prefix, b"" if part.tail else END_OF_ARCHIVE)
+        yield from read_samples(stream, unit.source, first=unit.start)
 
 
-def read_samples(stream: IO[bytes] | pa.NativeFile, source: str) -> Iterator[SourceRecord]:
-    """Records of a tar stream; a truncated or corrupt tar ends with one error record for the lost rest."""
+def read_samples(stream: IO[bytes] | pa.NativeFile, source: str, first: int = 0) -> Iterator[SourceRecord]:
+    """Records of a tar stream; a truncated or corrupt tar ends with one error record for the lost rest. `first`:
+    how many samples of the tar come before the stream (a slice of a split tar), for the error's count."""
     sample: _Sample | None = None
-    n = 0
+    n = first
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             for member in tf:
-                if member.isdir() or posixpath.basename(member.name).startswith("."):
-                    continue  # directories and hidden files (macOS `._x.jpg`) are not samples
+                if skipped(member):
+                    continue
                 key, ext = split_key(member.name)
-                if sample is None or key != sample.key or ext in sample.exts:
+                if new_sample(sample.key if sample else None, sample.exts if sample else set(), key, ext):
                     if sample is not None:
                         yield sample.record()
                         n += 1
@@ -123,6 +150,83 @@ def read_samples(stream: IO[bytes] | pa.NativeFile, source: str) -> Iterator[Sou
         n += 1
     if not ended:
         yield _truncated(source, None, n, "no end-of-archive marker")
+
+
+_INDEXES: dict[tuple[str, int], TarIndex] = {}  # the last few indexes this process used: siblings share them
+_INDEXES_LOCK = threading.Lock()
+
+
+def unit_index(unit: WorkUnit, f: pa.NativeFile | None = None) -> TarIndex:
+    """The index of the unit's tar: this process's copy, else the one cached in the output (`unit.index`), else
+    built from the tar's headers and cached there. A cached index of a tar of another size is built again."""
+    if f is None:
+        with open_input_file(unit.uri) as opened:
+            return unit_index(unit, opened)
+    size = f.size()
+    with _INDEXES_LOCK:
+        index = _INDEXES.get((unit.uri, size))
+    if index is None:
+        index = _cached_index(unit, size)
+    if index is None:
+        index = build_index(f, size)
+        log.info(
+            "indexed %s: %d samples, %d bytes read in %d requests (of %d)",
+            unit.source or display(unit.uri),
+            index.samples,
+            index.bytes_read,
+            index.requests,
+            size,
+        )
+        _save_index(unit, index)
+    with _INDEXES_LOCK:
+        while len(_INDEXES) >= 8:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[(unit.uri, size)] = index
+    return index
+
+
+def _cached_index(unit: WorkUnit, size: int) -> TarIndex | None:
+    if not unit.index:
+        return None
+    data = read_optional(unit.index)
+    index = TarIndex.from_json(data) if data is not None else None
+    return index if index is not None and index.size == size else None
+
+
+def _save_index(unit: WorkUnit, index: TarIndex) -> None:
+    """Best effort: a cache that cannot be written costs the next reader an index, never a row."""
+    if not unit.index:
+        return
+    try:
+        write_small(unit.index, index.to_json())
+    except Unreachable:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        log.warning("cannot cache the index of %s: %s", unit.source, redact_text(str(e)))
+
+
+def _check_planned_count(unit: WorkUnit, index: TarIndex, unit_size: int) -> None:
+    """The plan took the sample count from img2dataset's `_stats.json`; when the tar says otherwise, nothing is lost
+    or read twice (the last unit reads to the end, units past the last sample are empty), but say so."""
+    if unit.stop is None and index.samples - unit.start > unit_size:
+        log.warning(
+            "%s has %d samples, more than its _stats.json says: its last unit %s takes the %d from sample %d on",
+            unit.source,
+            index.samples,
+            unit.unit,
+            index.samples - unit.start,
+            unit.start,
+        )
+    elif unit.stop is not None and index.samples < unit.stop:
+        log.warning(
+            "%s has %d samples, fewer than its _stats.json says: unit %s (samples %d to %d) gets %d",
+            unit.source,
+            index.samples,
+            unit.unit,
+            unit.start,
+            unit.stop,
+            max(0, index.samples - unit.start),
+        )
 
 
 def _truncated(source: str, key: str | None, n: int, e: object) -> SourceRecord:
