@@ -114,8 +114,8 @@ def test_a_shard_that_becomes_unreadable_after_planning_exits_1_and_is_retried(
     shard = tmp_path / "in" / "00001.tar"
     saved, real_plan = shard.read_bytes(), plan.plan_units
 
-    def plan_then_lose_a_shard(input_cfg):
-        units = real_plan(input_cfg)
+    def plan_then_lose_a_shard(input_cfg, *args):
+        units = real_plan(input_cfg, *args)
         shard.unlink()  # a node's disk, a deleted object: gone between the plan and the read
         return units
 
