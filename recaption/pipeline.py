@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 
 from recaption.config import PipelineConfig, content_view
-from recaption.errors import ConfigError, RecaptionError
+from recaption.errors import ConfigError, RecaptionError, merge_error_counts
 from recaption.lease import Lease
 from recaption.progress import Progress
 from recaption.redact import redact_config, redact_text
-from recaption.writer import RUN_INFO, open_output
+from recaption.writer import RUN_INFO, STATS_FILE, open_output, output_totals
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class RunSummary:
     seconds: float = 0.0
     units_retried: int = 0  # done units whose failed rows were captioned again (--retry-failed)
     unit_errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # this run's failed rows by error kind
+    totals: dict = field(default_factory=dict)  # the whole output's, as `_stats.json` holds them (all runs)
 
     @property
     def images_per_s(self) -> float:
@@ -76,6 +78,7 @@ def run_pipeline(
         summary = RunSummary(output=out.uri, units_total=len(units), units_skipped=len(units) - len(todo))
         if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
             Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
+            summary.totals = write_totals(out, done)
             return summary
         placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
         run_meta = run_metadata(cfg, prompt_texts)
@@ -94,13 +97,23 @@ def run_pipeline(
                     summary.unit_errors[row["unit"]] = row["error"]
                 for k in ("rows", "ok", "failed", "skipped", "tokens"):
                     setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
+                if row.get("error_kinds"):
+                    summary.errors = merge_error_counts([summary.errors, json.loads(row["error_kinds"])])
                 summary.seconds = time.time() - start
                 live.unit_done(row)
                 if on_unit is not None:
                     on_unit(row)
                 lease.check()
         summary.seconds = time.time() - start
+        summary.totals = write_totals(out, manifest.refresh())
         return summary
+
+
+def write_totals(out, done: dict[str, dict]) -> dict:
+    """Writes the output's totals over every done unit (`_stats.json`) and returns them."""
+    totals = output_totals(done)
+    out.write_json(out.path(STATS_FILE), {**totals, "updated_at": time.time()})
+    return totals
 
 
 def iter_units(ds) -> Iterator[dict]:

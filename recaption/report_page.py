@@ -180,6 +180,7 @@ def render_page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         if report["errors"]
         else "<p>No failed rows.</p>",
         _img(plots, "status.png"),
+        *_unit_section(report),
         "<h2>Captions per model and prompt</h2>",
         _table(
             [*CAPTION_COLUMNS, "flags"],
@@ -210,6 +211,27 @@ def render_page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     ]
     head = f"<meta charset=utf-8><title>recaption report</title><style>{STYLE}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{chr(10).join(parts)}</body></html>"
+
+
+def _unit_section(report: dict[str, Any]) -> list[str]:
+    """The done markers' view: units, rows per unit, failed rows by kind, the units with the most failed rows."""
+    units = report.get("units")
+    if not units or not units["units"]:
+        return []
+    per_unit = units["rows_per_unit"]
+    kinds = "; ".join(f"{k} {n}" for k, n in units["errors"].items()) or "none"
+    parts = [
+        f"<h2>Units</h2><p>{units['units']} units done, {units['rows']} rows ({units['ok']} ok, {units['failed']} "
+        f"failed, {units['skipped']} skipped) · rows per unit: median {per_unit['p50']}, max {per_unit['max']} · "
+        f"failed rows by error kind: {escape(kinds)}</p>"
+    ]
+    if units["most_failed"]:
+        rows = [
+            [u["unit"], u["rows"], u["failed"], "; ".join(f"{k} {n}" for k, n in u["errors"].items())]
+            for u in units["most_failed"]
+        ]
+        parts.append(_table(["unit with most failed rows", "rows", "failed", "error kinds"], rows))
+    return parts
 
 
 def _engine_section(report: dict[str, Any], plots: dict[str, bytes]) -> list[str]:
