@@ -53,6 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser(
+        "plan",
+        help="before a run: units and rows of the input, what the output holds, the pools and where they fit; "
+        "--calibrate N measures speed on N images and estimates wall time and GPU-hours (writes nothing to the output)",
+    )
+    plan.add_argument("config", help="pipeline YAML, e.g. pipelines/llava15.yaml")
+    add_overrides(plan, "input.path=/data/shards")
+    plan.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="caption the input's first N images (one actor per model, a temporary output) and extrapolate",
+    )
+    plan.add_argument(
+        "--sample-shards",
+        type=int,
+        default=64,
+        metavar="N",
+        help="count the rows of at most N shards; an input with more is estimated from a seeded sample of N",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
+
     train = sub.add_parser("train", help="train a long-text CLIP model on a pipeline output, as a train YAML describes")
     train.add_argument("config", help="train YAML, e.g. pipelines/train-tiny.yaml")
     add_overrides(train, "data.path=/data/captions")
@@ -216,6 +240,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print_summary(summary)
     return 1 if summary.unit_errors else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.api import plan
+    from recaption.errors import ConfigError
+    from recaption.planning import format_plan
+
+    if args.calibrate < 0 or args.sample_shards < 1:
+        raise ConfigError("--calibrate takes N >= 0 images and --sample-shards N >= 1 shards")
+    result = plan(args.config, args.overrides, calibrate=args.calibrate, sample_shards=args.sample_shards)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 2 if result.problems else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
