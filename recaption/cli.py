@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rows (chosen by key hash) for the word statistics: vocabulary, n-grams, openings, agreement; 0: all",
     )
+    report.add_argument(
+        "--gallery", type=int, default=24, metavar="N", help="rows in the gallery that opens the page (0: none)"
+    )
+    report.add_argument("--seed", type=int, default=0, help="seed of the gallery's sample")
+    report.add_argument("--input", metavar="PATH", help="the input's path, when its shards moved since the run")
     report.set_defaults(func=cmd_report)
 
     inspect = sub.add_parser("inspect", help="print rows' captions beside their metadata; save their images as PNG")
@@ -343,9 +348,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from recaption.errors import ConfigError
     from recaption.report import build_report
 
-    report = build_report(args.output, text_sample=args.text_sample or None)
+    if args.gallery < 0:
+        raise ConfigError("--gallery takes N >= 0 rows")
+    report = build_report(
+        args.output, text_sample=args.text_sample or None, gallery=args.gallery, seed=args.seed, input_path=args.input
+    )
     s, units = report["status"], report["units"]
     print(f"{report['rows']} rows ({s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped) in {units['units']} "
           f"done units: {report['page']}")  # fmt: skip

@@ -283,13 +283,29 @@ def unit_statistics(out: OutputDir, most: int = 10) -> dict[str, Any]:
     }
 
 
-def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any]:
-    """Writes `OUTPUT/_report/report.json`, its PNG plots and a self-contained `index.html`; returns the JSON."""
+GALLERY = 24
+
+
+def build_report(
+    output: str,
+    text_sample: int | None = 10_000,
+    gallery: int = GALLERY,
+    seed: int = 0,
+    input_path: str | None = None,
+) -> dict[str, Any]:
+    """Writes `OUTPUT/_report/report.json`, its PNG plots and a self-contained `index.html`; returns the JSON. The
+    page opens with a gallery of `gallery` rows sampled with `seed` (failed ones included), thumbnails made from the
+    source (`input_path`: where its shards are now, if they moved since the run)."""
+    from recaption.config import ImageConfig
+    from recaption.gallery import card_json, gallery_cards, rows_of, sample_idents
     from recaption.report_page import render_page, render_plots
 
     out = open_output(output)
     meta = run_metadata(out)
     started = time.time()
+    image_cfg = ImageConfig.model_validate((meta.get("config") or {}).get("images") or {})
+    rows = rows_of(out, sample_idents(out, gallery, seed))
+    cards, gallery_note = gallery_cards(out, rows, image_cfg, input_path, output)
     report = collect(out, text_sample).to_json()
     config = meta.get("config", {})
     report = {
@@ -302,6 +318,7 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
         **report,
         "units": unit_statistics(out),
         **engine_history(out),
+        "gallery": {"seed": seed, "note": gallery_note, "rows": [card_json(c) for c in cards]},
         "seconds": round(time.time() - started, 3),
     }
     dest = OutputDir(out.fs, out.path(REPORT_DIR))
@@ -310,5 +327,5 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
         dest.write_atomic(dest.path(name), png)
     report["plots"] = sorted(plots)
     dest.write_json(dest.path("report.json"), report)
-    dest.write_atomic(dest.path("index.html"), render_page(report, plots).encode())
+    dest.write_atomic(dest.path("index.html"), render_page(report, plots, cards).encode())
     return {**report, "page": dest.path("index.html")}
