@@ -10,19 +10,24 @@ Planning never writes into the output directory: the tar count cache and the don
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from recaption.config import InputConfig, PipelineConfig, load_config
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
-from recaption.shards.fs import FileEntry, display, join
+from recaption.shards.fs import FileEntry, display, join, parent
+
+log = logging.getLogger(__name__)
 
 SAMPLE_SHARDS = 64  # shards counted at most; an input with more (not counted before) is estimated from a sample
 SAMPLE_SEED = 0
@@ -373,18 +378,20 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
     """Captions the first `n` images of the input (one actor per model, the configured engines and settings) in a
     temporary output that is removed afterwards, and extrapolates to the rows still to do with the planned pools."""
     from recaption.pipeline import run_pipeline
+    from recaption.shards.fs import resolve
 
-    scratch = tempfile.mkdtemp(prefix="recaption-calibrate-")
+    scratch = scratch_dir(cfg, plan.cluster)
+    fs, scratch_path = resolve(scratch)
     try:
-        images = _first_images(cfg.input, n, os.path.join(scratch, "in", "images.parquet"))
+        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"))
         if not images:
             raise RecaptionError(f"not calibrating: the input {display(cfg.input.path)} has no readable image")
         per_unit = max(1, math.ceil(images / CALIBRATION_UNITS))
         data = cfg.model_dump(mode="json")
-        data["input"] = {"path": os.path.join(scratch, "in"), "format": "parquet", "image_column": "image",
+        data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": "image",
                          "key_column": "key", "caption_column": "alt_text", "url_column": "url",
                          "unit_size": per_unit}  # fmt: skip
-        data["output"] = {**data["output"], "path": os.path.join(scratch, "out")}
+        data["output"] = {**data["output"], "path": join(scratch, "out")}
         for model in data["models"]:
             model["concurrency"] = 1
         cal_cfg = load_config(None, data=data)
@@ -402,11 +409,23 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
         if summary.unit_errors:
             unit, error = next(iter(summary.unit_errors.items()))
             raise RecaptionError(f"the calibration run failed: unit {unit}: {error}")
-        models = _model_figures(cal_cfg, os.path.join(scratch, "out"), metrics)
+        models = _model_figures(cal_cfg, join(scratch, "out"), metrics)
         estimate = _extrapolate(plan, cfg, models)
         return Calibration(images, round(seconds, 2), summary.failed, models, estimate)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            fs.delete_dir(scratch_path)
+        except (OSError, pa.ArrowException) as e:
+            log.warning("could not remove the calibration's scratch %s: %s", display(scratch), redact_text(str(e)))
+
+
+def scratch_dir(cfg: PipelineConfig, cluster: dict[str, Any]) -> str:
+    """Where a calibration writes its input and output: a local temporary directory on a one-node Ray; on a cluster,
+    where read and commit tasks run on other nodes, a new directory beside `output.path` (on the storage the output
+    is on, which the cluster shares), `.recaption-calibrate-<random>`, never inside the output."""
+    if cluster.get("nodes", 1) <= 1:
+        return tempfile.mkdtemp(prefix="recaption-calibrate-")
+    return join(parent(cfg.output.path), f".recaption-calibrate-{uuid.uuid4().hex[:12]}")
 
 
 def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
@@ -415,6 +434,7 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from recaption.shards.fs import resolve
     from recaption.shards.read import read_unit
 
     rows: list[dict] = []
@@ -428,10 +448,12 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
         if len(rows) >= n:
             break
     if rows:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs, path = resolve(dest)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("url", pa.string()),
                             ("alt_text", pa.string())])  # fmt: skip
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), dest)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
     return len(rows)
 
 

@@ -162,3 +162,16 @@ def test_no_secret_is_printed(tmp_path, ray_session, s3_endpoint, capfd):
     captured = capfd.readouterr()
     assert "s3://bucket/plan/in?endpoint_override" in captured.out and "calibration: 2 images" in captured.out
     assert SECRET not in captured.out + captured.err and KEY not in captured.out + captured.err
+
+
+def test_a_calibration_on_a_cluster_writes_beside_the_output_never_into_it(tmp_path):
+    from recaption.planning import scratch_dir
+
+    cfg = load_config(None, data={"input": {"path": "/in"}, "output": {"path": "s3://b/runs/out?scheme=http"},
+                                  "models": [FAKE]})  # fmt: skip
+    beside = scratch_dir(cfg, {"nodes": 3})  # read and commit tasks run on other nodes: shared storage
+    assert beside.startswith("s3://b/runs/.recaption-calibrate-") and beside.endswith("?scheme=http")
+    assert scratch_dir(cfg, {"nodes": 3}) != beside
+    local = scratch_dir(cfg, {"nodes": 1})  # one node: a local temporary directory
+    assert os.path.isdir(local) and os.path.basename(local).startswith("recaption-calibrate-")
+    os.rmdir(local)
