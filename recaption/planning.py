@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from recaption.config import InputConfig, PipelineConfig, load_config
+from recaption.config import ImageConfig, InputConfig, PipelineConfig, load_config
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
 from recaption.shards.fs import FileEntry, display, join, parent
@@ -383,9 +383,9 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
     scratch = scratch_dir(cfg, plan.cluster)
     fs, scratch_path = resolve(scratch)
     try:
-        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"))
+        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"), cfg.images)
         if not images:
-            raise RecaptionError(f"not calibrating: the input {display(cfg.input.path)} has no readable image")
+            raise RecaptionError(f"not calibrating: no image of the input {display(cfg.input.path)} decodes")
         per_unit = max(1, math.ceil(images / CALIBRATION_UNITS))
         data = cfg.model_dump(mode="json")
         data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": "image",
@@ -401,7 +401,9 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
             import json
 
             for model, snap in json.loads(row.get("metrics") or "{}").items():
-                metrics[model] = snap  # one actor per model: its latest figures are the run's
+                # One actor per model, its figures cumulative; units commit out of order, so keep the fullest.
+                if snap.get("requests", 0) >= metrics.get(model, {}).get("requests", 0):
+                    metrics[model] = snap
 
         started = time.time()
         summary = run_pipeline(cal_cfg, progress=False, on_unit=on_unit)
@@ -428,19 +430,20 @@ def scratch_dir(cfg: PipelineConfig, cluster: dict[str, Any]) -> str:
     return join(parent(cfg.output.path), f".recaption-calibrate-{uuid.uuid4().hex[:12]}")
 
 
-def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
-    """Writes the first `n` readable images of the input (in unit order, with their keys, URLs and alt texts) as
-    one Parquet file; returns how many it found."""
-    import pyarrow as pa
+def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageConfig) -> int:
+    """Writes the first `n` images of the input that decode within the run's image limits (in shard order, with their
+    keys, URLs and alt texts) as one Parquet file; returns how many it found. Broken ones are left out: a calibration
+    measures captioning, and the plan's counts already include every row."""
     import pyarrow.parquet as pq
 
+    from recaption.images import decode_image
     from recaption.shards.fs import resolve
     from recaption.shards.read import read_unit
 
     rows: list[dict] = []
     for unit in _whole_shards(input_cfg):
         for rec in read_unit(unit, input_cfg):
-            if rec.error is None and rec.image:
+            if rec.error is None and rec.image and _decodes(decode_image, rec.image, image_cfg):
                 rows.append({"key": f"{unit.unit}/{rec.key}", "image": rec.image, "url": rec.url,
                              "alt_text": rec.alt_text})  # fmt: skip
             if len(rows) >= n:
@@ -455,6 +458,14 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
         with fs.open_output_stream(path) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
     return len(rows)
+
+
+def _decodes(decode_image, data: bytes, image_cfg: ImageConfig) -> bool:
+    try:
+        decode_image(data, image_cfg)
+    except RecaptionError:
+        return False
+    return True
 
 
 def _whole_shards(input_cfg: InputConfig):
@@ -496,10 +507,13 @@ def _model_figures(cfg: PipelineConfig, out_path: str, metrics: dict[str, dict])
                 tokens.setdefault(c["prompt"], []).append(c["n_tokens"] or 0)
         snap = metrics.get(model.id) or {}
         engine_s = float(snap.get("engine_s") or 0.0)
+        # Images and engine time from one snapshot of the actor (one request per image and prompt; regenerated
+        # captions are extra requests, so never more than the images captioned).
+        engine_images = min(float(snap.get("requests") or 0) / len(model.prompts), len(images))
         figures[model.id] = {
             "images": len(images),
             "engine_s": round(engine_s, 3),
-            "images_per_s_per_actor": round(len(images) / engine_s, 3) if engine_s > 0 and images else None,
+            "images_per_s_per_actor": round(engine_images / engine_s, 3) if engine_s > 0 and images else None,
             "tokens_per_caption": {p: round(sum(v) / len(v), 1) for p, v in tokens.items()},
             "failed_captions": failed,
             "gpus_per_actor": model.gpus_per_actor,

@@ -175,3 +175,19 @@ def test_a_calibration_on_a_cluster_writes_beside_the_output_never_into_it(tmp_p
     local = scratch_dir(cfg, {"nodes": 1})  # one node: a local temporary directory
     assert os.path.isdir(local) and os.path.basename(local).startswith("recaption-calibrate-")
     os.rmdir(local)
+
+
+def test_calibration_uses_images_that_decode_and_says_when_none_does(tmp_path, ray_session, capsys):
+    from recaption.shards.tar import write_webdataset
+    from tests.data import make_image
+
+    broken = [{"key": "a", "jpg": b""}, {"key": "b", "jpg": b"not an image"}]
+    write_webdataset(str(tmp_path / "in"), [*broken, {"key": "c", "jpg": make_image(1)}], shard_size=5)
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [FAKE]}
+    cal = recaption.plan(data, calibrate=3).calibration
+    assert (cal.images, cal.failed, cal.models["fake"]["images"]) == (1, 0, 1)
+    write_webdataset(str(tmp_path / "bad"), broken, shard_size=5)
+    config = write_config(tmp_path / "p.yaml", {**data, "input": {"path": str(tmp_path / "bad")}})
+    assert main(["plan", str(config), "--calibrate", "2"]) == 1
+    assert f"not calibrating: no image of the input {tmp_path / 'bad'} decodes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
