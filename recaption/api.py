@@ -47,13 +47,17 @@ def run(
     progress: bool = True,
     overwrite: bool = False,
     retry_failed: bool = False,
+    report_to: str | Sequence[str] | None = None,
 ) -> RunSummary:
     """Runs a pipeline config (or a YAML path / dict, with overrides) to its output directory and returns what it
-    did; rerunning resumes. Exactly what `recaption run` does, without printing the summary."""
+    did; rerunning resumes. Exactly what `recaption run` does, without printing the summary. `report_to`:
+    "tensorboard", "wandb" or both, to follow the run there (files under OUTPUT/_tracking)."""
     from recaption.pipeline import run_pipeline
+    from recaption.tracking import parse_report_to
 
+    names = parse_report_to(report_to if isinstance(report_to, str) or report_to is None else list(report_to))
     cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
-    return run_pipeline(cfg, progress=progress, overwrite=overwrite, retry_failed=retry_failed)
+    return run_pipeline(cfg, progress=progress, overwrite=overwrite, retry_failed=retry_failed, report_to=names)
 
 
 def _pipeline(config: PipelineConfig | str | Path | Mapping[str, Any], overrides: Sequence[str]) -> PipelineConfig:
