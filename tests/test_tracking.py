@@ -79,6 +79,32 @@ def test_pipeline_run_reports_to_tensorboard(ray_session, tmp_path):
     assert recaption.read_output(tmp_path / "out").count() == 6
 
 
+def read_wandb_history(run_file: Path) -> list[dict[str, float]]:
+    """The logged rows of an offline W&B run file: a LevelDB-style log (32 KiB blocks of records: crc32, length,
+    kind) of wandb's own protobuf records, after a 7-byte header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, rows, block = run_file.read_bytes(), 7, b"", [], 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        pending += data[pos : pos + n]
+        pos += n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -87,7 +113,9 @@ def test_wandb_offline(tmp_path, monkeypatch):
     with Progress.for_steps(4, enabled=False, trackers=trackers) as p:
         for step in range(4):
             p.advance(1, {"samples": 8}, loss=1.0 / (step + 1), lr=0.1)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert summary["train/loss"] == pytest.approx(0.25) and summary["train/steps_done"] == 4
+    runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1
+    history = read_wandb_history(runs[0])
+    assert [h["_step"] for h in history] == [1, 2, 3, 4]
+    assert [h["train/loss"] for h in history] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert history[-1]["train/samples"] == 32 and history[-1]["train/steps_done"] == 4
