@@ -181,13 +181,13 @@ def test_sampling_is_seeded_gives_n_per_request_and_stops_at_stop_strings(engine
 @vllm_test
 def test_generation_extra_reaches_sampling_and_structured_output_holds(engines):
     """`generation.extra` goes to SamplingParams: a choice constraint makes every caption one of the choices (the
-    random-weight model would write anything else), top_k arrives; a key vLLM lacks is one line at plan time."""
+    random-weight model would write anything else), presence_penalty arrives (greedy resets top_k); a key vLLM lacks is one line at plan time."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    extra = {"top_k": 3, "structured_outputs": {"choice": ["a red cat", "two blue dogs"]}}
+    extra = {"presence_penalty": 0.5, "structured_outputs": {"choice": ["a red cat", "two blue dogs"]}}
     gen = GenerationConfig(max_new_tokens=MAX_NEW, extra=extra)
     params = vllm_engine.sampling_params(gen, 0)
-    assert params.top_k == 3 and isinstance(params.structured_outputs, StructuredOutputsParams)
+    assert params.presence_penalty == 0.5 and isinstance(params.structured_outputs, StructuredOutputsParams)
     images, prompts = requests(2)
     texts = [g.text for g in engines["llava"].caption(images, prompts, gen)]
     assert texts and set(texts) <= {"a red cat", "two blue dogs"}, texts
