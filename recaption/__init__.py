@@ -1,7 +1,7 @@
 """recaption: re-caption image datasets with multimodal LLMs at cluster scale, and train long-text CLIP models on the
-result. The Python API (`recaption.api`): load a config, run it, caption a Ray Dataset, read an output back."""
+result. The Python API (`recaption.api`): load a config, plan or run it, caption a Ray Dataset, read an output back."""
 
-from recaption.api import caption, load_config, read_output, read_output_hf, run
+from recaption.api import caption, load_config, plan, read_output, read_output_hf, run
 from recaption.errors import ConfigError, InputError, RecaptionError
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __all__ = [
     "__version__",
     "caption",
     "load_config",
+    "plan",
     "read_output",
     "read_output_hf",
     "run",

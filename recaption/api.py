@@ -3,6 +3,7 @@ have, read an output back. The CLI calls these same functions. Heavy imports (ra
 
     import recaption
     cfg = recaption.load_config("pipelines/llava15.yaml", ["input.path=/data/shards", "output.path=/data/captions"])
+    print(recaption.plan(cfg, calibrate=64).calibration.estimate)   # rows, images/s, wall_s, gpu_hours
     summary = recaption.run(cfg)
     captions = recaption.read_output("/data/captions")                 # a ray.data.Dataset, one row per image
     ds = recaption.caption(ray.data.read_parquet("s3://b/imgs"), {"models": [{"path": "llava-1.5-7b"}]})
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from recaption.pipeline import RunSummary
+    from recaption.planning import Plan
 
 # What `caption` adds to (or replaces in) each row of the dataset it is given.
 CAPTION_COLUMNS = ("captions", "status", "error", "width", "height", "image_sha256")
@@ -58,6 +60,24 @@ def run(
     names = parse_report_to(report_to if isinstance(report_to, str) or report_to is None else list(report_to))
     cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
     return run_pipeline(cfg, progress=progress, overwrite=overwrite, retry_failed=retry_failed, report_to=names)
+
+
+def plan(
+    config: PipelineConfig | str | Path | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    calibrate: int = 0,
+    sample_shards: int = 64,
+) -> Plan:
+    """What `run` would do, without doing it and without writing to the output: units and rows of the input (counted,
+    or estimated from `sample_shards` shards when it has more), what the output already holds, each model's pool and
+    where its actors fit on the cluster. With `calibrate=N`, N images are captioned in a temporary output to measure
+    images/s per actor and tokens per caption, and `plan.calibration.estimate` holds the wall time and GPU-hours of
+    the rest. `plan.problems` lists what would stop a run; `plan.to_dict()` is what `recaption plan --json` prints."""
+    from recaption.planning import plan_run
+
+    cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
+    return plan_run(cfg, sample_shards=sample_shards, calibrate=calibrate)
 
 
 def _pipeline(config: PipelineConfig | str | Path | Mapping[str, Any], overrides: Sequence[str]) -> PipelineConfig:

@@ -76,6 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_to(run)
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser(
+        "plan",
+        help="before a run: units and rows of the input, what the output holds, the pools and where they fit; "
+        "--calibrate N measures speed on N images and estimates wall time and GPU-hours (writes nothing to the output)",
+    )
+    plan.add_argument("config", help="pipeline YAML, e.g. pipelines/llava15.yaml")
+    add_overrides(plan, "input.path=/data/shards")
+    plan.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="caption the input's first N images (one actor per model, a temporary output) and extrapolate",
+    )
+    plan.add_argument(
+        "--sample-shards",
+        type=int,
+        default=64,
+        metavar="N",
+        help="count the rows of at most N shards; an input with more is estimated from a seeded sample of N",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
+
     train = sub.add_parser("train", help="train a long-text CLIP model on a pipeline output, as a train YAML describes")
     train.add_argument("config", help="train YAML, e.g. pipelines/train-tiny.yaml")
     add_overrides(train, "data.path=/data/captions")
@@ -149,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rows (chosen by key hash) for the word statistics: vocabulary, n-grams, openings, agreement; 0: all",
     )
+    report.add_argument(
+        "--gallery", type=int, default=24, metavar="N", help="rows in the gallery that opens the page (0: none)"
+    )
+    report.add_argument("--seed", type=int, default=0, help="seed of the gallery's sample")
+    report.add_argument("--input", metavar="PATH", help="the input's path, when its shards moved since the run")
     report.set_defaults(func=cmd_report)
 
     inspect = sub.add_parser("inspect", help="print rows' captions beside their metadata; save their images as PNG")
@@ -242,6 +271,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.unit_errors else 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.api import plan
+    from recaption.errors import ConfigError
+    from recaption.planning import format_plan
+
+    if args.calibrate < 0 or args.sample_shards < 1:
+        raise ConfigError("--calibrate takes N >= 0 images and --sample-shards N >= 1 shards")
+    result = plan(args.config, args.overrides, calibrate=args.calibrate, sample_shards=args.sample_shards)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 2 if result.problems else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from recaption.train.run import train_command
 
@@ -329,11 +372,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from recaption.errors import ConfigError
     from recaption.report import build_report
 
-    report = build_report(args.output, text_sample=args.text_sample or None)
-    s = report["status"]
-    print(f"{report['rows']} rows ({s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped): {report['page']}")
+    if args.gallery < 0:
+        raise ConfigError("--gallery takes N >= 0 rows")
+    report = build_report(
+        args.output, text_sample=args.text_sample or None, gallery=args.gallery, seed=args.seed, input_path=args.input
+    )
+    s, units = report["status"], report["units"]
+    print(f"{report['rows']} rows ({s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped) in {units['units']} "
+          f"done units: {report['page']}")  # fmt: skip
+    if units["errors"]:
+        print(f"failed rows by error kind: {format_kinds(units['errors'])}")
     return 0
 
 
@@ -390,9 +441,22 @@ def print_summary(s) -> None:
     retried = f" ({s.units_retried} to retry failed rows)" if s.units_retried else ""
     print(f"units:    {s.units_done} run{retried}, {s.units_skipped} already done, {s.units_total} in total")
     print(f"rows:     {s.rows} ({s.ok} ok, {s.failed} failed, {s.skipped} skipped)")
+    if s.errors:
+        print(f"failed:   {format_kinds(s.errors)}")
     print(f"speed:    {s.images_per_s:.1f} images/s, {s.tokens} tokens in {s.seconds:.1f} s")
+    t = s.totals
+    if t and (s.units_skipped or s.units_retried):  # earlier runs wrote some units: the output's own totals
+        print(f"total:    {t['units']} units, {t['rows']} rows ({t['ok']} ok, {t['failed']} failed, "
+              f"{t['skipped']} skipped){'; failed: ' + format_kinds(t['errors']) if t['errors'] else ''}")  # fmt: skip
     for unit, error in s.unit_errors.items():
         print(f"unit {unit} not committed: {error} (rerun the same command to retry it)")
+
+
+def format_kinds(kinds: dict[str, int], most: int = 5) -> str:
+    """`truncated image 8, decompression bomb 4, … (3 more kinds)`: failed rows by error kind, most first."""
+    items = list(kinds.items())
+    text = ", ".join(f"{k} {n}" for k, n in items[:most])
+    return text + (f", … ({len(items) - most} more kinds)" if len(items) > most else "")
 
 
 if __name__ == "__main__":

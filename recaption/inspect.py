@@ -48,8 +48,11 @@ def run_metadata(out: OutputDir) -> dict:
     return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
-def source_units(out: OutputDir, input_path: str | None = None) -> tuple[InputConfig, dict[str, WorkUnit]]:
-    """The run's input config (its path replaced by `input_path` when the shards moved) and its units by id."""
+def source_units(
+    out: OutputDir, input_path: str | None = None, output: str | None = None
+) -> tuple[InputConfig, dict[str, WorkUnit]]:
+    """The run's input config (its path replaced by `input_path` when the shards moved) and its units by id; with
+    `output` (the output's path as given, credentials and all), the tar counts cached there are used, read only."""
     from recaption.shards.plan import plan_units
 
     raw = dict(run_metadata(out).get("config", {}).get("input") or {})
@@ -58,7 +61,8 @@ def source_units(out: OutputDir, input_path: str | None = None) -> tuple[InputCo
     if not raw.get("path"):
         raise InputError(f"{out.uri}: the run metadata names no input path; pass the input's path (--input)")
     input_cfg = InputConfig.model_validate({**raw, "max_units": None})
-    return input_cfg, {u.unit: u for u in plan_units(input_cfg)}
+    units = plan_units(input_cfg, output, read_only=True) if output else plan_units(input_cfg)
+    return input_cfg, {u.unit: u for u in units}
 
 
 def unit_images(input_cfg: InputConfig, unit: WorkUnit, wanted: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -182,7 +186,7 @@ def inspect_output(
     meta = run_metadata(out)
     image_cfg = ImageConfig.model_validate(meta.get("config", {}).get("images") or {})
     dest = open_output(out_dir) if out_dir else OutputDir(out.fs, out.path(INSPECT_DIR))
-    images = _fetch_images(out, rows, input_path)
+    images = fetch_images(out, rows, input_path, output)
     shared = {k for k, n in Counter(r["key"] for r in rows).items() if n > 1}
     for key in sorted(shared & set(keys)):
         units = [r["unit"] for r in rows if r["key"] == key]
@@ -202,14 +206,25 @@ def inspect_output(
             print(f"   image: {png}", file=stream)
         else:
             print("   image: none in the source for this row", file=stream)
-        cards.append(_card(row, png.rsplit("/", 1)[1] if png else None))
+        cards.append({**row, "src": png.rsplit("/", 1)[1] if png else None})
         print(file=stream)
-    page = f"<!doctype html><meta charset=utf-8><title>recaption inspect</title><body>{''.join(cards)}</body>"
-    dest.write_atomic(dest.path("index.html"), page.encode())
+    dest.write_atomic(dest.path("index.html"), gallery_page(cards, out.uri).encode())
     return saved
 
 
-def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> dict[tuple[str, str], bytes]:
+def gallery_page(cards: list[dict], where: str) -> str:
+    """The report's gallery as a page of its own: each row's image (a PNG beside the page) and its captions."""
+    from recaption.gallery import STYLE, render_gallery
+    from recaption.report_page import STYLE as REPORT_STYLE
+
+    head = f"<meta charset=utf-8><title>recaption inspect</title><style>{REPORT_STYLE}{STYLE}</style>"
+    body = f"<h1>recaption inspect</h1><p>output <code>{html.escape(where)}</code> · {len(cards)} rows</p>"
+    return f"<!doctype html><html><head>{head}</head><body>{body}{render_gallery(cards)}</body></html>"
+
+
+def fetch_images(
+    out: OutputDir, rows: list[dict], input_path: str | None, output: str | None = None
+) -> dict[tuple[str, str], bytes]:
     """The source image of each row with one, by (unit, key)."""
     wanted: dict[str, set[str]] = {}
     for row in rows:
@@ -217,19 +232,8 @@ def _fetch_images(out: OutputDir, rows: list[dict], input_path: str | None) -> d
             wanted.setdefault(row["unit"], set()).add(row["key"])
     if not wanted:
         return {}
-    input_cfg, units = source_units(out, input_path)
+    input_cfg, units = source_units(out, input_path, output)
     found = {}
     for unit, keys in wanted.items():
         found.update(((unit, k), data) for k, data in unit_images(input_cfg, find_unit(units, unit, input_cfg), keys))
     return found
-
-
-def _card(row: dict, png: str | None) -> str:
-    img = f"<img src='{html.escape(png)}' style='max-width:384px'>" if png else "<p>(no image)</p>"
-    caps = "".join(
-        f"<h4>{html.escape(c['model'])} / {html.escape(c['prompt'])} · {c['n_tokens']} tokens"
-        f" · {html.escape(', '.join(c['flags'] or []))}</h4><p>{html.escape(c['text'] or '')}</p>"
-        for c in row.get("captions") or []
-    )
-    meta = html.escape(f"{row['status']} · {row.get('alt_text') or ''} · {row.get('error') or ''}")
-    return f"<section><h3>{html.escape(row['key'])}</h3><p>{meta}</p>{img}{caps}</section><hr>"

@@ -39,8 +39,9 @@ KEEP_EVERY_S = 120.0  # the keeper folds new markers in this often, or less ofte
 class DoneManifest:
     """The done units of one output, as of the last `refresh`."""
 
-    def __init__(self, out: OutputDir):
+    def __init__(self, out: OutputDir, read_only: bool = False):
         self.out = out
+        self.read_only = read_only  # a reader that does not hold the output (report, plan): never writes the manifest
         self.entries: dict[str, tuple[int | None, int | None, dict]] | None = None  # unit → (size, mtime_ns, marker)
         self.markers_read = 0  # by this object: what a refresh cost beyond its listing
         self.last_refresh_s = 0.0
@@ -65,7 +66,7 @@ class DoneManifest:
             stale = [info for unit, info in listed.items() if unit not in current]
             for unit, marker in self._read(stale).items():
                 current[unit] = (listed[unit].size, listed[unit].mtime_ns, marker)
-            if self.entries is None or current.keys() != known.keys() or stale:
+            if not self.read_only and (self.entries is None or current.keys() != known.keys() or stale):
                 self._save(current)
             self.entries = current
             self.last_refresh_s = time.monotonic() - t0

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 
 from recaption.config import PipelineConfig, content_view
-from recaption.errors import ConfigError, RecaptionError
+from recaption.errors import ConfigError, RecaptionError, merge_error_counts
 from recaption.lease import Lease
 from recaption.progress import Progress
 from recaption.redact import redact_config, redact_text
-from recaption.writer import OUTPUT_SCHEMA, RUN_INFO, open_output
+from recaption.writer import OUTPUT_SCHEMA, RUN_INFO, STATS_FILE, open_output, output_totals
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class RunSummary:
     seconds: float = 0.0
     units_retried: int = 0  # done units whose failed rows were captioned again (--retry-failed)
     unit_errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # this run's failed rows by error kind
+    totals: dict = field(default_factory=dict)  # the whole output's, as `_stats.json` holds them (all runs)
 
     @property
     def images_per_s(self) -> float:
@@ -84,6 +86,7 @@ def run_pipeline(
         summary = RunSummary(output=out.uri, units_total=len(units), units_skipped=len(units) - len(todo))
         if not todo:  # nothing left (a rerun after a kill between the last commit and the end): say so, finished
             Progress.for_units(len(units), initial=len(units), output=out, enabled=progress).close()
+            summary.totals = write_totals(out, done)
             return summary
         placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
         run_meta = run_metadata(cfg, prompt_texts, kept)
@@ -106,12 +109,15 @@ def run_pipeline(
                     summary.unit_errors[row["unit"]] = row["error"]
                 for k in ("rows", "ok", "failed", "skipped", "tokens"):
                     setattr(summary, k, getattr(summary, k) + int(row[k] or 0))
+                if row.get("error_kinds"):
+                    summary.errors = merge_error_counts([summary.errors, json.loads(row["error_kinds"])])
                 summary.seconds = time.time() - start
                 live.unit_done(row)
                 if on_unit is not None:
                     on_unit(row)
                 lease.check()
         summary.seconds = time.time() - start
+        summary.totals = write_totals(out, manifest.refresh())
         return summary
 
 
@@ -125,6 +131,13 @@ def make_run_trackers(names: list[str], out, run_meta: dict, run_id: str) -> lis
     where = tracking.tracking_dir(out.uri, local)
     log.info("tracking %s in %s", ", ".join(names), where)
     return tracking.make_trackers(names, where, f"recaption-{run_id}", run_meta["config"], kind="recaption-run")
+
+
+def write_totals(out, done: dict[str, dict]) -> dict:
+    """Writes the output's totals over every done unit (`_stats.json`) and returns them."""
+    totals = output_totals(done)
+    out.write_json(out.path(STATS_FILE), {**totals, "updated_at": time.time()})
+    return totals
 
 
 def iter_units(ds) -> Iterator[dict]:

@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = "_progress.json"
 UNIT_COUNTS = ("rows", "ok", "failed", "skipped", "tokens")
 UNIT_RATES = {"images_per_s": "rows", "tokens_per_s": "tokens"}
+ERROR_KINDS_SHOWN = 3  # error kinds on a progress line
 MAX_ERRORS_KEPT = 100  # `_progress.json` stays small on a run where every unit fails
 _FIELD = re.compile(r"(\w+)=(\S+)")
+_ONE_FIELD = re.compile(r"[\s,:=]+")
 
 
 class Progress:
@@ -50,6 +52,7 @@ class Progress:
         self.rates = dict(rates or {})
         self.errors: dict[str, str] = {}
         self.n_errors = 0
+        self.error_kinds: dict[str, int] = {}  # failed rows by error kind, over the units this run committed
         self.stream = stream or sys.stderr
         self.tty = _is_tty(self.stream) if tty is None else tty
         self.enabled, self.interval_s, self.output, self.clock = enabled, interval_s, output, clock
@@ -84,6 +87,10 @@ class Progress:
             self.n_errors += 1
             if len(self.errors) < MAX_ERRORS_KEPT:
                 self.errors[str(summary.get("unit"))] = str(summary["error"])
+        if summary.get("error_kinds"):
+            from recaption.errors import merge_error_counts
+
+            self.error_kinds = merge_error_counts([self.error_kinds, json.loads(summary["error_kinds"])])
         self.engines.update(summary.get("metrics"), self.clock() - self.start)
         self.advance(1, {k: int(summary.get(k) or 0) for k in UNIT_COUNTS}, **self.engines.line_values())
 
@@ -140,7 +147,7 @@ class Progress:
             "updated_at": time.time(),
         }
         if self.unit == "unit":
-            state.update(unit_errors=self.n_errors, errors=dict(self.errors))
+            state.update(unit_errors=self.n_errors, errors=dict(self.errors), error_kinds=dict(self.error_kinds))
             if self.engines.latest:
                 state.update(engines=self.engines.summary(), engine_history=list(self.engines.history))
         return state
@@ -180,12 +187,18 @@ class Progress:
         shown = {k: _format(state[k]) for k in ("ok", "failed", "unit_errors") if state.get(k)}
         shown.update({k.removesuffix("_per_s") + "/s": f"{state[k]:.1f}" for k in self.rates})
         shown.update({k: _format(v) for k, v in self.values.items()})
+        if self.error_kinds:
+            kind, n = next(iter(self.error_kinds.items()))
+            shown["top_error"] = f"{kind} ({n})"
         return shown
 
     def _print(self, event: str) -> None:
         state = self.snapshot()
         fields = [f"{self.unit}s={self.done}/{self.total}"]
         fields += [f"{k}={_format(state[k])}" for k in (*self.counts, "unit_errors") if k in state]
+        if self.error_kinds:  # the most frequent kinds of failed rows, `kind:rows` (spaces as `_`: one field)
+            top = list(self.error_kinds.items())[:ERROR_KINDS_SHOWN]
+            fields.append("error_kinds=" + ",".join(f"{_ONE_FIELD.sub('_', k)}:{n}" for k, n in top))
         fields += [f"{k}={_format(v)}" for k, v in self.values.items()]
         fields += [f"{k}={state[k]}" for k in (*self.rates, "elapsed_s")]
         fields.append(f"eta_s={'-' if state['eta_s'] is None else state['eta_s']}")

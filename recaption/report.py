@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recaption.errors import error_kind
 from recaption.inspect import iter_batches, part_paths, run_metadata
 from recaption.writer import OutputDir, open_output
 
@@ -25,9 +26,6 @@ NGRAMS = (1, 2, 3)
 OPENING_WORDS = 3
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters and digits, as WORD_RE2 (Arrow's regex engine) counts them
 WORD_RE2 = r"[\pL\pN]+(?:'[\pL\pN]+)*"
-_ERROR_CLAUSE = re.compile(r"[:;,(\[]")
-_ERROR_VARIABLE = re.compile(r"""^['"].*|.*[\d/\\.'"].*""")
-_MODEL_ERROR = re.compile(r"^model (\S+)(?: prompt \S+)?: (.*)$", re.S)
 _STOPWORDS = """a an the and or but of in on at to for from by with without into onto over under above below near behind
 beside between is are was were be been being has have had do does did this that these those it its it's there here
 their they them he she his her we you i as than then so such very also which who whom whose what where when while
@@ -38,22 +36,6 @@ STOPWORDS = frozenset(_STOPWORDS.split())
 def words(text: str) -> list[str]:
     """Lower-cased words of a caption (letters and digits; inner apostrophes kept)."""
     return _WORD.findall(text.lower())
-
-
-def error_kind(error: str) -> str:
-    """An error's kind: its first clause with names and numbers taken out; engine errors keep their model's id.
-
-    `truncated tar 00003.tar: …` → `truncated tar`; `model llava prompt short: RuntimeError: …` →
-    `model llava: RuntimeError`; `duplicate key 'k' in x.tar: …` → `duplicate key … in`."""
-    match = _MODEL_ERROR.match(error.strip())
-    if match:
-        return f"model {match[1]}: {error_kind(match[2])}"
-    head = _ERROR_CLAUSE.split(error.strip(), maxsplit=1)[0].split()
-    kept = ["…" if _ERROR_VARIABLE.match(w) else w for w in head[:8]]
-    kept = [w for i, w in enumerate(kept) if w != "…" or i == 0 or kept[i - 1] != "…"]
-    while kept and kept[-1] == "…":
-        kept.pop()
-    return " ".join(kept) or "other"
 
 
 class DistinctCounter:
@@ -283,13 +265,47 @@ def engine_history(out: OutputDir) -> dict[str, Any]:
     return {"engines": progress.get("engines") or {}, "engine_history": progress.get("engine_history") or []}
 
 
-def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any]:
-    """Writes `OUTPUT/_report/report.json`, its PNG plots and a self-contained `index.html`; returns the JSON."""
+def unit_statistics(out: OutputDir, most: int = 10) -> dict[str, Any]:
+    """What the done markers say (read only: the output's manifest is read, never written): the output's totals
+    (units, rows by status, failed rows by error kind), rows per unit, and the units with the most failed rows."""
+    from recaption.manifest import DoneManifest
+    from recaption.writer import output_totals
+
+    done = DoneManifest(out, read_only=True).refresh()
+    worst = sorted((m for m in done.values() if m.get("failed")), key=lambda m: (-int(m["failed"]), str(m.get("unit"))))
+    return {
+        **output_totals(done),
+        "rows_per_unit": distribution(Counter(int(m.get("rows") or 0) for m in done.values())),
+        "most_failed": [
+            {"unit": m.get("unit"), "rows": m.get("rows"), "failed": m["failed"], "errors": m.get("errors") or {}}
+            for m in worst[:most]
+        ],
+    }
+
+
+GALLERY = 24
+
+
+def build_report(
+    output: str,
+    text_sample: int | None = 10_000,
+    gallery: int = GALLERY,
+    seed: int = 0,
+    input_path: str | None = None,
+) -> dict[str, Any]:
+    """Writes `OUTPUT/_report/report.json`, its PNG plots and a self-contained `index.html`; returns the JSON. The
+    page opens with a gallery of `gallery` rows sampled with `seed` (failed ones included), thumbnails made from the
+    source (`input_path`: where its shards are now, if they moved since the run)."""
+    from recaption.config import ImageConfig
+    from recaption.gallery import card_json, gallery_cards, rows_of, sample_idents
     from recaption.report_page import render_page, render_plots
 
     out = open_output(output)
     meta = run_metadata(out)
     started = time.time()
+    image_cfg = ImageConfig.model_validate((meta.get("config") or {}).get("images") or {})
+    rows = rows_of(out, sample_idents(out, gallery, seed))
+    cards, gallery_note = gallery_cards(out, rows, image_cfg, input_path, output)
     report = collect(out, text_sample).to_json()
     config = meta.get("config", {})
     report = {
@@ -300,7 +316,9 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
         "prompts": meta.get("prompts", {}),
         "versions": meta.get("versions", {}),
         **report,
+        "units": unit_statistics(out),
         **engine_history(out),
+        "gallery": {"seed": seed, "note": gallery_note, "rows": [card_json(c) for c in cards]},
         "seconds": round(time.time() - started, 3),
     }
     dest = OutputDir(out.fs, out.path(REPORT_DIR))
@@ -309,5 +327,5 @@ def build_report(output: str, text_sample: int | None = 10_000) -> dict[str, Any
         dest.write_atomic(dest.path(name), png)
     report["plots"] = sorted(plots)
     dest.write_json(dest.path("report.json"), report)
-    dest.write_atomic(dest.path("index.html"), render_page(report, plots).encode())
+    dest.write_atomic(dest.path("index.html"), render_page(report, plots, cards).encode())
     return {**report, "page": dest.path("index.html")}

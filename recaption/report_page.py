@@ -166,20 +166,25 @@ STYLE = (
 )
 
 
-def render_page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
-    """A self-contained HTML page: the tables of report.json and the plots inlined as data URIs."""
+def render_page(report: dict[str, Any], plots: dict[str, bytes], cards: list[dict] | None = None) -> str:
+    """A self-contained HTML page: the gallery (`cards`, thumbnails inlined), the tables of report.json and the plots
+    inlined as data URIs."""
+    from recaption.gallery import STYLE as GALLERY_STYLE
+
     caps, status = report["captions"], report["status"]
     flags = [", ".join(f"{f} {v:.1%}" for f, v in c["flag_share"].items()) for c in caps]
     parts = [
         f"<h1>recaption report</h1><p>output <code>{escape(report['output'])}</code> · input "
         f"<code>{escape(str(report['input']))}</code> · config {escape(str(report['config_hash']))} · "
         f"models {escape(', '.join(report['models']))}</p>",
+        *_gallery_section(report, cards or []),
         f"<h2>Rows</h2><p class=big>{report['rows']} rows: {status['ok']} ok, {status['failed']} failed, "
         f"{status['skipped']} skipped</p>",
         _table(["error kind", "rows", "example"], [[e["kind"], e["count"], e["example"]] for e in report["errors"]])
         if report["errors"]
         else "<p>No failed rows.</p>",
         _img(plots, "status.png"),
+        *_unit_section(report),
         "<h2>Captions per model and prompt</h2>",
         _table(
             [*CAPTION_COLUMNS, "flags"],
@@ -208,8 +213,42 @@ def render_page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         f"<p class=small>word statistics on {report['text_sample_rate']:.1%} of rows · versions "
         f"{escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>",
     ]
-    head = f"<meta charset=utf-8><title>recaption report</title><style>{STYLE}</style>"
+    head = f"<meta charset=utf-8><title>recaption report</title><style>{STYLE}{GALLERY_STYLE}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{chr(10).join(parts)}</body></html>"
+
+
+def _gallery_section(report: dict[str, Any], cards: list[dict]) -> list[str]:
+    from recaption.gallery import render_gallery
+
+    if not cards:
+        return []
+    info = report.get("gallery") or {}
+    failed = sum(c["status"] == "failed" for c in cards)
+    text = (f"{len(cards)} rows sampled (seed {info.get('seed', 0)}; {failed} failed), thumbnails made from the "
+            "source; every model's caption side by side, one row per prompt.")  # fmt: skip
+    note = f"<p class=small>{escape(info['note'])}</p>" if info.get("note") else ""
+    return ["<h2>Gallery</h2>", note, render_gallery(cards, text)]
+
+
+def _unit_section(report: dict[str, Any]) -> list[str]:
+    """The done markers' view: units, rows per unit, failed rows by kind, the units with the most failed rows."""
+    units = report.get("units")
+    if not units or not units["units"]:
+        return []
+    per_unit = units["rows_per_unit"]
+    kinds = "; ".join(f"{k} {n}" for k, n in units["errors"].items()) or "none"
+    parts = [
+        f"<h2>Units</h2><p>{units['units']} units done, {units['rows']} rows ({units['ok']} ok, {units['failed']} "
+        f"failed, {units['skipped']} skipped) · rows per unit: median {per_unit['p50']}, max {per_unit['max']} · "
+        f"failed rows by error kind: {escape(kinds)}</p>"
+    ]
+    if units["most_failed"]:
+        rows = [
+            [u["unit"], u["rows"], u["failed"], "; ".join(f"{k} {n}" for k, n in u["errors"].items())]
+            for u in units["most_failed"]
+        ]
+        parts.append(_table(["unit with most failed rows", "rows", "failed", "error kinds"], rows))
+    return parts
 
 
 def _engine_section(report: dict[str, Any], plots: dict[str, bytes]) -> list[str]:

@@ -8,6 +8,7 @@ stage drops the image column, so the commit stage moves only captions.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -42,6 +43,7 @@ SUMMARY_FIELDS = (
     "fatal",
     "retry",
     "metrics",
+    "error_kinds",
 )
 
 
@@ -189,7 +191,7 @@ class CommitStage:
         from recaption.writer import unit_stats
 
         summary = dict.fromkeys(SUMMARY_FIELDS, 0) | {"unit": row["unit"], "error": row["error"], "fatal": row["fatal"]}
-        summary.update(retry=row["retry"], metrics=row.get("metrics"))
+        summary.update(retry=row["retry"], metrics=row.get("metrics"), error_kinds="{}")
         if row["error"]:
             return summary
         table = from_ipc(row["payload"])
@@ -211,4 +213,7 @@ class CommitStage:
             error = redact_text(f"cannot write the output {self.out.uri}: {e}")
             log.debug("unit %s: %s", row["unit"], redact_text(traceback.format_exc()))
             return summary | {"error": error, "fatal": True}
-        return summary | {k: stats[k] for k in SUMMARY_FIELDS if k in stats}
+        # this unit's failed rows by error kind, as JSON: one string column whatever the kinds
+        return (
+            summary | {k: stats[k] for k in SUMMARY_FIELDS if k in stats} | {"error_kinds": json.dumps(stats["errors"])}
+        )

@@ -72,6 +72,7 @@ LAYOUT = 2  # 2: every file a run may delete carries `.recaption.` in its name (
 DONE_DIR = "_done"
 ATTEMPTS_DIR = "_attempts"
 RUN_INFO = "_run.json"
+STATS_FILE = "_stats.json"  # the output's totals, from every unit's marker: rewritten at the end of each run
 # Every name a run deletes matches one of these, so a user's file (`part-00000-….snappy.parquet`, `.tmp-mywork`, a
 # note under `_attempts/`) is never taken for one of ours.
 TMP_PREFIX = ".recaption-tmp-"
@@ -134,38 +135,49 @@ class OutputDir:
     def claim(self) -> None:
         """Makes sure the directory is ours before anything is written: a new or empty directory becomes a recaption
         output; one that already is stays; anything else is refused in one line (ConfigError), untouched."""
+        state, refusal = self.state()
+        if refusal:
+            raise ConfigError(refusal)
+        if state == "ours":
+            return
+        self.fs.create_dir(self.root, recursive=True)
+        record = {"tool": "recaption", "kind": OUTPUT_KIND, "layout": LAYOUT, "created_at": time.time()}
+        self.write_json(self.path(OWNER_FILE), record)
+
+    def state(self) -> tuple[str, str | None]:
+        """What the directory is now, read only: `new` (absent), `empty`, `ours` (a captions output of this layout)
+        or `refused`, with the one line a run would fail with."""
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
-            raise ConfigError(f"output.path {self.uri} is a file; give a directory (new or empty)")
+            return "refused", f"output.path {self.uri} is a file; give a directory (new or empty)"
         owner = self.owner() if info.type == pafs.FileType.Directory else None
         if owner is not None:
             if owner.get("kind") != OUTPUT_KIND:
-                raise ConfigError(
+                return "refused", (
                     f"output.path {self.uri} is a recaption {owner.get('kind')} directory, not a captions output; "
                     "choose another output.path"
                 )
             if owner.get("layout") != LAYOUT:
-                raise ConfigError(
+                return "refused", (
                     f"output.path {self.uri} was written by another recaption version (layout "
                     f"{owner.get('layout')}, this one writes {LAYOUT}); choose a new output.path"
                 )
-            return
-        entries = self._entries() if info.type == pafs.FileType.Directory else []
-        if entries:
-            names = sorted(e.base_name for e in entries)
-            if RUN_INFO in names and self._legacy_run_info():
-                raise ConfigError(
-                    f"output.path {self.uri} was written by an older recaption (part-*.parquet names, no "
-                    f"{OWNER_FILE}); it stays readable, but a run needs a new output.path"
-                )
-            shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
-            raise ConfigError(
-                f"output.path {self.uri} is not empty and is not a recaption output (it holds {len(names)} entries: "
-                f"{shown}); choose a new or empty directory"
+            return "ours", None
+        if info.type != pafs.FileType.Directory:
+            return "new", None
+        names = sorted(e.base_name for e in self._entries())
+        if not names:
+            return "empty", None
+        if RUN_INFO in names and self._legacy_run_info():
+            return "refused", (
+                f"output.path {self.uri} was written by an older recaption (part-*.parquet names, no "
+                f"{OWNER_FILE}); it stays readable, but a run needs a new output.path"
             )
-        self.fs.create_dir(self.root, recursive=True)
-        record = {"tool": "recaption", "kind": OUTPUT_KIND, "layout": LAYOUT, "created_at": time.time()}
-        self.write_json(self.path(OWNER_FILE), record)
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        return "refused", (
+            f"output.path {self.uri} is not empty and is not a recaption output (it holds {len(names)} entries: "
+            f"{shown}); choose a new or empty directory"
+        )
 
     def _legacy_run_info(self) -> bool:
         try:
@@ -221,6 +233,7 @@ class OutputDir:
             if info.is_file and info.base_name.endswith(ATTEMPTS_SUFFIX):
                 self.fs.delete_file(info.path)
         self.delete_if_exists(self.path(RUN_INFO))
+        self.delete_if_exists(self.path(STATS_FILE))
 
     def done_units(self) -> dict[str, dict]:
         """Units whose marker exists (a unit is done iff its marker exists), with what each marker says: one listing
@@ -333,20 +346,44 @@ def open_output(path: str) -> OutputDir:
 
 
 def unit_stats(table: pa.Table, seconds: float, config_hash: str) -> dict:
-    """The numbers a done marker records about a committed unit."""
+    """The numbers a done marker records about a committed unit: rows by status, failed rows by error kind
+    (`errors`, like img2dataset's `status_dict`), generated tokens, seconds, config hash."""
+    from recaption.errors import error_counts
+
     statuses = table.column("status").to_pylist()
     tokens = 0
     for caps in table.column("captions").to_pylist():
         tokens += sum(c["n_tokens"] or 0 for c in caps or [])
+    errors = [e for s, e in zip(statuses, table.column("error").to_pylist(), strict=True) if s == "failed"]
     return {
         "rows": table.num_rows,
         "ok": statuses.count("ok"),
         "failed": statuses.count("failed"),
         "skipped": statuses.count("skipped"),
+        "errors": error_counts(errors),
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "config_hash": config_hash,
     }
+
+
+def output_totals(done: dict[str, dict]) -> dict:
+    """The totals of an output from its done units' markers: units, rows by status, failed rows by error kind,
+    tokens, seconds (summed over units). Markers written before error kinds were counted add their failed rows as
+    `(not counted)`, so the kinds always sum to `failed`."""
+    from recaption.errors import merge_error_counts
+
+    totals = {"units": len(done), **dict.fromkeys(("rows", "ok", "failed", "skipped", "tokens"), 0), "seconds": 0.0}
+    kinds = []
+    for marker in done.values():
+        for k in ("rows", "ok", "failed", "skipped", "tokens"):
+            totals[k] += int(marker.get(k) or 0)
+        totals["seconds"] += float(marker.get("seconds") or 0.0)
+        errors = marker.get("errors")
+        kinds.append(errors if isinstance(errors, dict) else {"(not counted)": int(marker.get("failed") or 0)})
+    totals["seconds"] = round(totals["seconds"], 3)
+    totals["errors"] = {k: n for k, n in merge_error_counts(kinds).items() if n}
+    return totals
 
 
 def read_run_metadata(parquet_path: str) -> dict:

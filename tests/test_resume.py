@@ -121,6 +121,12 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
     assert len(markers) == N_IMAGES // SHARD_SIZE and parts == markers
     assert not (out / "_attempts").exists() or not list((out / "_attempts").iterdir())
     bookkeeping = {p.name for p in out.iterdir() if not p.name.startswith("part-")}
-    assert bookkeeping <= {"_done", "_attempts", "_manifest", "_run.json", "_progress.json", "_recaption.json"}, (
-        bookkeeping
-    )
+    assert bookkeeping <= {
+        "_done",
+        "_attempts",
+        "_manifest",
+        "_run.json",
+        "_progress.json",
+        "_recaption.json",
+        "_stats.json",
+    }, bookkeeping

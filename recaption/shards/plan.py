@@ -43,16 +43,23 @@ def detect_format(input_cfg: InputConfig) -> str:
     return _detect(input_cfg, _scan(input_cfg))
 
 
-def plan_units(input_cfg: InputConfig, output: str | None = None) -> list[WorkUnit]:
+def plan_units(
+    input_cfg: InputConfig,
+    output: str | None = None,
+    read_only: bool = False,
+    known_counts: dict[str, int] | None = None,
+) -> list[WorkUnit]:
     """All work units of the input, the first `input.max_units` by id. With `output` (the run's output path), what
-    splitting tars costs to learn (sample counts, member indexes) is cached there and read back on the next plan.
+    splitting tars costs to learn (sample counts, member indexes) is cached there and read back on the next plan;
+    `read_only` (a reader that does not hold the output: `recaption plan`, inspect) reads that cache, never writes.
+    `known_counts`: tar sample counts (by path relative to the input) the caller has counted already.
 
     Units come sorted by id, except a split tar's: its units come slice-major (the first unit of every tar, then
     the second…), so the first one indexes the tar and its siblings, read later, find the index cached."""
     scanned = _scan(input_cfg)
     fmt = _detect(input_cfg, scanned)
     if fmt == "webdataset":
-        units = _tar_units(scanned, input_cfg.unit_size, output)
+        units = _tar_units(scanned, input_cfg.unit_size, output, read_only, known_counts)
     elif fmt == "folder":
         units = _folder_units(scanned, input_cfg.unit_size)
     elif fmt == "hf":
@@ -116,7 +123,9 @@ def _unique_ids(rels: list[str]) -> dict[str, str]:
     return {r: i if counts[i] == 1 else f"{i}-h{hashlib.sha1(r.encode()).hexdigest()[:8]}" for r, i in ids.items()}
 
 
-def _tar_units(scanned: _Input, unit_size: int, output: str | None) -> list[WorkUnit]:
+def _tar_units(
+    scanned: _Input, unit_size: int, output: str | None, read_only: bool = False, known: dict[str, int] | None = None
+) -> list[WorkUnit]:
     tars = [f for f in scanned.files if f.path.endswith(TAR_SUFFIXES)]
     if not tars:
         raise InputError(f"no .tar shards at {display(scanned.root)}")
@@ -125,7 +134,7 @@ def _tar_units(scanned: _Input, unit_size: int, output: str | None) -> list[Work
     ):
         raise InputError(f"input {display(scanned.root)} is empty: its {len(tars)} tar shards hold no members")
     ids = _unique_ids([f.path for f in tars])
-    units = tar_units(scanned.root, tars, {f.path for f in scanned.files}, ids, unit_size, output)
+    units = tar_units(scanned.root, tars, {f.path for f in scanned.files}, ids, unit_size, output, read_only, known)
     counts: dict[str, int] = {}
     for u in units:
         counts[u.unit] = counts.get(u.unit, 0) + 1

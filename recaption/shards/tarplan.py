@@ -37,16 +37,27 @@ def most_samples(entry: FileEntry) -> int | None:
 
 
 def tar_units(
-    root: str, tars: list[FileEntry], listed: set[str], ids: dict[str, str], unit_size: int, output: str | None
+    root: str,
+    tars: list[FileEntry],
+    listed: set[str],
+    ids: dict[str, str],
+    unit_size: int,
+    output: str | None,
+    read_only: bool = False,
+    known: dict[str, int] | None = None,
 ) -> list[WorkUnit]:
     """The units of every tar, in tar order. A count is needed only for a tar that may hold more than `unit_size`
-    samples; with `output`, counts and indexes are cached there."""
+    samples; with `output`, counts and indexes are cached there (`read_only`: the cached counts are read, nothing is
+    written; `known`: counts the caller has, by tar path)."""
     need = [
         t
         for t in tars
         if not t.path.endswith(COMPRESSED_TARS) and (most_samples(t) is None or most_samples(t) > unit_size)
     ]
-    counts = _counts(root, need, listed, ids, output) if need else {}
+    known = known or {}
+    unknown = [t for t in need if t.path not in known]
+    counts = _counts(root, unknown, listed, ids, output, read_only) if unknown else {}
+    counts.update(known)
     units = []
     for t in tars:
         uri, n = join(root, t.path), counts.get(t.path)
@@ -55,7 +66,7 @@ def tar_units(
             continue
         slices = -(-n // unit_size)
         width = max(4, len(str(slices - 1)))
-        index = index_uri(output, ids[t.path]) if output else ""
+        index = index_uri(output, ids[t.path]) if output and not read_only else ""  # a reader writes no index
         for s in range(slices):
             stop = None if s == slices - 1 else (s + 1) * unit_size  # the last reads to the end, whatever the count
             units.append(
@@ -64,28 +75,44 @@ def tar_units(
     return units
 
 
-def _counts(
-    root: str, need: list[FileEntry], listed: set[str], ids: dict[str, str], output: str | None
-) -> dict[str, int]:
-    cache = _load_counts(output) if output else {}
-    counts: dict[str, int] = {}
-    todo = []
-    for t in need:
+def cached_counts(output: str | None, tars: list[FileEntry]) -> dict[str, int]:
+    """The sample counts of `tars` that the output's cache holds for the same size and time (read only)."""
+    return _hits(_load_counts(output) if output else {}, tars)
+
+
+def _hits(cache: dict[str, list], tars: list[FileEntry]) -> dict[str, int]:
+    counts = {}
+    for t in tars:
         hit = cache.get(t.path)
         if hit is not None and hit[0] == t.size and hit[1] == t.mtime_ns:
             counts[t.path] = hit[2]
-        else:
-            todo.append(t)
+    return counts
+
+
+def count_samples(root: str, tars: list[FileEntry], listed: set[str], ids: dict[str, str]) -> dict[str, int]:
+    """The sample counts of `tars` (`_stats.json` sidecars, else the tar's headers), caching nothing."""
+    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(tars)))) as pool:
+        found = list(pool.map(lambda t: _count(root, t, listed, ids[t.path], None), tars))
+    return {t.path: n for t, (n, _) in zip(tars, found, strict=True)}
+
+
+def _counts(
+    root: str, need: list[FileEntry], listed: set[str], ids: dict[str, str], output: str | None, read_only: bool
+) -> dict[str, int]:
+    cache = _load_counts(output) if output else {}
+    counts = _hits(cache, need)
+    todo = [t for t in need if t.path not in counts]
     if not todo:
         return counts
     if len(todo) > 100:
         log.info("counting the samples of %d tars (once: the counts are kept in the output)", len(todo))
+    index_in = None if read_only else output
     with ThreadPoolExecutor(max_workers=min(WORKERS, len(todo))) as pool:
-        found = list(pool.map(lambda t: _count(root, t, listed, ids[t.path], output), todo))
+        found = list(pool.map(lambda t: _count(root, t, listed, ids[t.path], index_in), todo))
     for t, (n, how) in zip(todo, found, strict=True):
         counts[t.path] = n
         cache[t.path] = [t.size, t.mtime_ns, n, how]
-    if output:
+    if output and not read_only:
         listed_tars = {t.path for t in need}
         _save_counts(output, {k: v for k, v in cache.items() if k in listed_tars})
     return counts
