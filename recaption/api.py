@@ -49,13 +49,17 @@ def run(
     progress: bool = True,
     overwrite: bool = False,
     retry_failed: bool = False,
+    report_to: str | Sequence[str] | None = None,
 ) -> RunSummary:
     """Runs a pipeline config (or a YAML path / dict, with overrides) to its output directory and returns what it
-    did; rerunning resumes. Exactly what `recaption run` does, without printing the summary."""
+    did; rerunning resumes. Exactly what `recaption run` does, without printing the summary. `report_to`:
+    "tensorboard", "wandb" or both, to follow the run there (files under OUTPUT/_tracking)."""
     from recaption.pipeline import run_pipeline
+    from recaption.tracking import parse_report_to
 
+    names = parse_report_to(report_to if isinstance(report_to, str) or report_to is None else list(report_to))
     cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
-    return run_pipeline(cfg, progress=progress, overwrite=overwrite, retry_failed=retry_failed)
+    return run_pipeline(cfg, progress=progress, overwrite=overwrite, retry_failed=retry_failed, report_to=names)
 
 
 def plan(
@@ -98,7 +102,7 @@ def caption(
     (`{bytes, path}`) or a decoded array (`ray.data.read_images`). A row whose image cannot be used is `failed` with
     its reason, like in a run. Without an output directory, a batch that crashes its engine is retried by Ray
     without bound; use `run` for a job that must be resumable exactly once."""
-    from recaption.pipeline import init_ray, place_models, resolve_prompts
+    from recaption.pipeline import init_ray, place_models, prompt_fallbacks, resolve_prompts
 
     data = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else config
     if not isinstance(data, Mapping):
@@ -114,6 +118,7 @@ def caption(
             fn_constructor_kwargs={
                 "model_cfg": model.model_dump(),
                 "prompt_texts": prompt_texts,
+                "prompt_fallbacks": prompt_fallbacks(cfg),
                 "post_cfg": cfg.postprocess.model_dump(),
                 "image_cfg": cfg.images.model_dump(),
                 "image_column": image_column,
@@ -138,23 +143,32 @@ class DatasetCaptionStage:
         image_cfg: dict,
         image_column: str,
         drop_image: bool = False,
+        prompt_fallbacks: dict[str, str] | None = None,
     ):
         from recaption.captioning import CaptionStage
 
-        self.stage = CaptionStage(model_cfg, prompt_texts, post_cfg, None, image_cfg, keep_images=False)
+        self.stage = CaptionStage(
+            model_cfg, prompt_texts, post_cfg, None, image_cfg, keep_images=False, prompt_fallbacks=prompt_fallbacks
+        )
         self.image_column = image_column
         self.drop_image = drop_image
+        # Row fields the prompts name (`{alt_text}`, `{TEXT}` …): taken from the user's columns of the same name.
+        self.fields = sorted({f for p in self.stage.prompts.values() for f in p.fields})
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         import pyarrow as pa
 
-        from recaption.stages import PAYLOAD_SCHEMA
+        from recaption.shards.fields import KeptField
+        from recaption.stages import payload_schema
+        from recaption.writer import OUTPUT_SCHEMA
 
         if self.image_column not in batch.column_names:
             raise ConfigError(f"caption: no column {self.image_column!r}; columns are {batch.column_names}")
         images, problems = image_bytes(batch.column(self.image_column))
         n = batch.num_rows
         previous = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * n for c in CAPTION_COLUMNS}
+        fields = {f: batch.column(f).to_pylist() for f in self.fields if f in batch.column_names}
+        extra = [KeptField(f, f, "string") for f in fields if f not in OUTPUT_SCHEMA.names]
         rows = []
         for i in range(n):
             failed = previous["status"][i] == "failed" or problems[i] is not None
@@ -167,9 +181,11 @@ class DatasetCaptionStage:
                     "captions": previous["captions"][i] or [],
                     "image": None if failed else images[i],
                     **{c: previous[c][i] for c in ("width", "height", "image_sha256")},
+                    **{f: None if v[i] is None else str(v[i]) for f, v in fields.items() if f in ("url", "alt_text")},
+                    **{f.column: f.value({f.source: fields[f.source][i]}) for f in extra},
                 }
             )
-        table = pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=payload_schema(extra))
         result = await self.stage.caption_unit_async(f"batch-{uuid.uuid4().hex[:12]}", table)
         out = batch
         for name in CAPTION_COLUMNS:
@@ -216,27 +232,27 @@ def _is_tensor(column: pa.ChunkedArray) -> bool:
     return "tensor" in type(column.type).__name__.lower()
 
 
-def read_output(path: str, *, ok_only: bool = False, columns: Sequence[str] | None = None) -> ray.data.Dataset:
+def read_output(path: str | Path, *, ok_only: bool = False, columns: Sequence[str] | None = None) -> ray.data.Dataset:
     """A run's output as a `ray.data.Dataset` (its part files only), optionally its `ok` rows only."""
     import ray.data
     from ray.data.expressions import col
 
     from recaption.writer import open_output
 
-    out = open_output(path)
+    out = open_output(str(path))
     ds = ray.data.read_parquet(out.part_paths(), filesystem=out.fs)
     if ok_only:
         ds = ds.filter(expr=col("status") == "ok")
     return ds.select_columns(list(columns)) if columns else ds
 
 
-def read_output_hf(path: str, *, ok_only: bool = False) -> datasets.Dataset:
+def read_output_hf(path: str | Path, *, ok_only: bool = False) -> datasets.Dataset:
     """A run's output (a local directory) as a `datasets.Dataset`; its run metadata in `.info.description`."""
     import datasets
 
     from recaption.writer import open_output, read_run_metadata
 
-    parts = open_output(path).part_paths()
+    parts = open_output(str(path)).part_paths()
     ds = datasets.load_dataset("parquet", data_files=parts, split="train")
     if ok_only:
         ds = ds.filter(lambda status: status == "ok", input_columns="status")

@@ -34,6 +34,7 @@ from recaption.engines.runner import Request, make_runner
 from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError, ImageError, OutputWriteError
 from recaption.faults import fault_point, fault_raise
 from recaption.postprocess import clean_caption
+from recaption.prompts.template import MissingField
 from recaption.redact import redact_text
 from recaption.stages import describe, from_ipc, rows_table, unit_row
 
@@ -51,13 +52,18 @@ class CaptionStage:
         output_path: str | None,
         image_cfg: dict | None = None,
         keep_images: bool = True,
+        prompt_fallbacks: dict[str, str] | None = None,
     ):
         from recaption.engines.base import build_captioner
+        from recaption.prompts.template import build_prompts
         from recaption.writer import open_output
 
         self.model = ModelConfig.model_validate(model_cfg)
         self.model.generation = self.model.generation or GenerationConfig()
         self.prompt_texts = prompt_texts
+        fallbacks = prompt_fallbacks or {}
+        # Each prompt filled in from its row (`{alt_text}` …), or its fallback where the row lacks a field.
+        self.prompts = build_prompts({n: {"text": t, "fallback": fallbacks.get(n)} for n, t in prompt_texts.items()})
         self.post = PostprocessConfig.model_validate(post_cfg)
         self.image_cfg = ImageConfig.model_validate(image_cfg or {})
         self.keep_images = keep_images
@@ -179,23 +185,25 @@ class CaptionStage:
             row.update(width=decoded.width, height=decoded.height, image_sha256=decoded.sha256)
             names = self.model.prompts
             shared = (unit, i) if len(names) > 1 else None  # prompts of one image: the first one's prefill is reused
-            requests = [
-                Request(decoded.image, self.prompt_texts[name], self.model.generation, i * len(names) + k, unit, shared)
-                for k, name in enumerate(names)
-            ]
-            futures = [self.submit(request) for request in requests]  # together: one image's requests adjacent
+            futures = []  # submitted together: one image's requests adjacent
+            for k, name in enumerate(names):
+                try:
+                    text = self.prompts[name].fill(row)
+                except MissingField as e:  # this prompt cannot be asked of this row: its caption fails, not the unit
+                    futures.append(failed_future(e))
+                    continue
+                request = Request(decoded.image, text, self.model.generation, i * len(names) + k, unit, shared)
+                futures.append(self.submit(request))
             return [await self.outcome(future) for future in futures]
 
     async def result(self, request: Request) -> list[Generation] | BaseException:
         return await self.outcome(self.submit(request))
 
     def submit(self, request: Request) -> Future:
-        future = Future()
         try:
             fault_raise("engine:request-error", lambda: RuntimeError("injected request error"), request.unit)
         except RuntimeError as e:
-            future.set_exception(e)
-            return future
+            return failed_future(e)
         return self.runner.submit(request)
 
     async def outcome(self, future: Future) -> list[Generation] | BaseException:
@@ -252,7 +260,7 @@ class CaptionStage:
         for k, (i, row, c) in enumerate(bad):  # a few images, decoded again: their pixels were not kept
             prompt = row["captions"][c]["prompt"]
             decoded = await loop.run_in_executor(self.decode_pool, self.decode, image_column[i])
-            result = await self.result(Request(decoded.image, self.prompt_texts[prompt], retry, k, unit))
+            result = await self.result(Request(decoded.image, self.prompts[prompt].fill(row), retry, k, unit))
             if isinstance(result, EngineDeadError):
                 raise result
             if isinstance(result, BaseException) or result[0].error is not None:
@@ -268,17 +276,18 @@ class CaptionStage:
             flags.append("error")
             error = f"model {self.model.id} prompt {prompt}: {gen.error}"
             row.update(status="failed", error=f"{row['error']}; {error}" if row["error"] else error)
+        prompt_text = self.prompts[prompt].fill(row)  # the text the model got for this row
         raw = {
             "model": self.model.id,
             "prompt": prompt,
-            "prompt_text": self.prompt_texts[prompt],
+            "prompt_text": prompt_text,
             "text": gen.text,
             "sub_captions": [],
             "n_tokens": gen.n_tokens,
             "finish_reason": gen.finish_reason,
             "flags": flags,
         }
-        return clean_caption(raw, self.prompt_texts[prompt], self.post)
+        return clean_caption(raw, prompt_text, self.post)
 
     def begin_attempt(self, unit: str) -> int:
         """Counts one more attempt at the unit in the output dir; returns its number."""
@@ -320,6 +329,12 @@ class CaptionStage:
             self.out.write_json(path, {"attempts": attempt, "model": self.model.id, "unit": unit})
         except OSError as e:
             raise OutputWriteError(redact_text(f"cannot write the output {self.out.uri}: {e}")) from e
+
+
+def failed_future(error: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
 
 
 class Turns:

@@ -6,8 +6,18 @@ import argparse
 import logging
 import sys
 
+from recaption import console
 from recaption.errors import RecaptionError
 from recaption.redact import install_log_redaction, redact_text
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("recaption")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     install_log_redaction()
+    console.quiet(args.verbose)  # Ray's chatter only with --verbose
     try:
         return args.func(args) or 0
     except RecaptionError as e:
@@ -31,9 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def add_report_to(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report-to",
+        default=None,
+        metavar="TRACKERS",
+        help="also send progress figures to tensorboard, wandb or both (comma-separated; optional extras "
+        "recaption[tensorboard], recaption[wandb]); files go under the output's _tracking/",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recaption", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="re-caption a dataset as a pipeline YAML describes")
@@ -51,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also caption the failed rows of finished units again (after an OOM, a fixed bug, a bigger GPU); "
         "each unit's part file is replaced in one step",
     )
+    add_report_to(run)
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser(
@@ -242,6 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
+        report_to=args.report_to,
     )
     print_summary(summary)
     return 1 if summary.unit_errors else 0

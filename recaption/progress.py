@@ -43,6 +43,7 @@ class Progress:
         interval_s: float = 30.0,
         output: Any = None,
         clock=time.monotonic,
+        trackers: list | None = None,
     ) -> None:
         self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
         self.done = initial
@@ -53,13 +54,14 @@ class Progress:
         self.n_errors = 0
         self.error_kinds: dict[str, int] = {}  # failed rows by error kind, over the units this run committed
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.tty = _is_tty(self.stream) if tty is None else tty
         self.enabled, self.interval_s, self.output, self.clock = enabled, interval_s, output, clock
         self.start, self.started_at = clock(), time.time()
         self.last_line: float | None = None
         self.closed = False
         self.write_failed = False
         self.engines = EngineView()
+        self.trackers = list(trackers or [])  # recaption.tracking: TensorBoard, W&B
         self.bar = None
         if enabled and self.tty:
             from tqdm import tqdm
@@ -107,6 +109,22 @@ class Progress:
                 self.last_line = now
                 self._print("progress")
         self._write_state(finished=False)
+        self._track()
+
+    def _track(self) -> None:
+        """The numbers of this update to every tracker, at step `done` (a tracker that fails is dropped, once)."""
+        if not self.trackers:
+            return
+        from recaption.tracking import scalars
+
+        state = self.snapshot()
+        figures = scalars(state, self.desc) | {f"{self.desc}/{self.unit}s_done": float(self.done)}
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(self.done, figures)
+            except Exception as e:  # a tracker is a view: it never ends a run
+                log.warning("%s: stopped reporting to it: %s", type(tracker).__name__, e)
+                self.trackers.remove(tracker)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything known now, as `_progress.json` holds it."""
@@ -151,6 +169,11 @@ class Progress:
             self.bar.close()
         elif self.enabled:
             self._print("done" if finished else "stopped")
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as e:
+                log.warning("%s: could not close: %s", type(tracker).__name__, e)
         return self._write_state(finished=finished, stopped=not finished)
 
     def __enter__(self) -> Progress:
@@ -249,6 +272,15 @@ class EngineView:
             if s["cache_hit"] is not None:
                 values[f"cache{suffix}"] = s["cache_hit"]
         return values
+
+
+def _is_tty(stream: IO[str]) -> bool:
+    """Whether `stream` is a terminal; stderr is asked as it was before `recaption.console` filtered it."""
+    if stream is sys.stderr:
+        from recaption import console
+
+        return console.stderr_is_tty
+    return stream.isatty()
 
 
 def parse_progress_line(line: str) -> dict[str, Any] | None:

@@ -19,11 +19,18 @@ import pyarrow as pa
 from recaption.config import InputConfig
 from recaption.redact import redact_text
 from recaption.shards.fs import display
-from recaption.writer import OUTPUT_SCHEMA
+from recaption.writer import OUTPUT_SCHEMA, output_schema
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_SCHEMA = OUTPUT_SCHEMA.append(pa.field("image", pa.binary()))
+
+
+def payload_schema(kept=()) -> pa.Schema:
+    """A unit's rows between stages: the output's columns (with the kept source fields) and the image bytes."""
+    return output_schema(kept).append(pa.field("image", pa.binary()))
+
+
 SUMMARY_FIELDS = (
     "unit",
     "rows",
@@ -107,9 +114,13 @@ class ReadStage:
     """Reads one unit's records from its shard (CPU task); the caption stage decodes and checks the images. For a
     unit to retry, only the records whose rows failed in its committed part file."""
 
-    def __init__(self, input_cfg: dict, output_path: str | None = None):
+    def __init__(self, input_cfg: dict, output_path: str | None = None, kept: list[dict] | None = None):
+        from recaption.shards.fields import KeptField
+
         self.input_cfg = InputConfig.model_validate(input_cfg)
         self.output_path = output_path
+        self.kept = [KeptField(**f) for f in kept or ()]  # source fields that become output columns
+        self.schema = payload_schema(self.kept)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from recaption.shards import WorkUnit
@@ -136,6 +147,7 @@ class ReadStage:
                     "error": rec.error,
                     "captions": [],
                 }
+                row.update((f.column, f.value(rec.meta)) for f in self.kept)
                 if rec.error is None:  # size and hash come from the caption stage's decode
                     row.update(status="ok", image=rec.image or b"")
                 rows.append(row)
@@ -145,7 +157,7 @@ class ReadStage:
             log.warning("unit %s: %s", unit.unit, error)  # one line; the summary says it again
             log.debug("unit %s: %s", unit.unit, redact_text(traceback.format_exc()))
             return unit_row(unit.unit, t_start, None, error, retry=unit.retry)
-        return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA), retry=unit.retry)
+        return unit_row(unit.unit, t_start, pa.Table.from_pylist(rows, schema=self.schema), retry=unit.retry)
 
     def failed_keys(self, unit: str) -> set[str]:
         """Keys of the failed rows in the unit's committed part file."""

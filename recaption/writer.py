@@ -49,6 +49,23 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 STATUSES = ("ok", "failed", "skipped")
+
+
+def output_schema(kept: Collection = ()) -> pa.Schema:
+    """The output's schema: OUTPUT_SCHEMA, then the source fields the run keeps (`input.keep_columns`)."""
+    schema = OUTPUT_SCHEMA
+    for field in kept:
+        schema = schema.append(field.arrow_field)
+    return schema
+
+
+def run_schema(run_meta: dict) -> pa.Schema:
+    """The schema of a run's part files, from the fields its metadata says it keeps."""
+    from recaption.shards.fields import KeptField
+
+    return output_schema([KeptField(**f) for f in run_meta.get("kept_columns") or ()])
+
+
 OWNER_FILE = "_recaption.json"  # says the directory is a recaption output: the only kind a run writes into
 OUTPUT_KIND = "captions"
 LAYOUT = 2  # 2: every file a run may delete carries `.recaption.` in its name (1: `part-<unit>.parquet`)
@@ -276,7 +293,8 @@ class OutputDir:
         without rows (an img2dataset shard whose downloads all failed) is a file with the schema and no row group,
         which every Parquet reader takes as empty (an empty row group breaks `datasets`)."""
         fault_raise("commit:enospc", lambda: OSError(errno.ENOSPC, "No space left on device"))
-        table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        schema = run_schema(run_meta)
+        table = table.select(schema.names).cast(schema)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
         buf = io.BytesIO()
         with pq.ParquetWriter(buf, table.schema, compression=None if compression == "none" else compression) as w:
@@ -294,7 +312,7 @@ class OutputDir:
         """A done unit's part file with the rows of `table` in place of the rows with their keys, replaced in one
         atomic step (rename; one PUT on object stores): a kill leaves the old file or the new one, and the unit's
         marker, which exists throughout, is rewritten after with the new counts."""
-        merged = merge_rows(self.read_part(unit), table)
+        merged = merge_rows(self.read_part(unit), table, run_schema(run_meta))
         merged = merged.replace_schema_metadata({METADATA_KEY: json.dumps(run_meta, sort_keys=True).encode()})
         buf = io.BytesIO()
         pq.write_table(merged, buf, compression=None if compression == "none" else compression)
@@ -305,11 +323,11 @@ class OutputDir:
         self.write_json(self.marker_path(unit), {**previous, **counts, **retried})
 
 
-def merge_rows(old: pa.Table, new: pa.Table) -> pa.Table:
+def merge_rows(old: pa.Table, new: pa.Table, schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
     """`old` with each row whose key is in `new` replaced by that row, in old's order (keys are unique in a unit)."""
-    replacement = {row["key"]: row for row in new.select(OUTPUT_SCHEMA.names).to_pylist()}
-    rows = [replacement.get(row["key"], row) for row in old.select(OUTPUT_SCHEMA.names).to_pylist()]
-    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    replacement = {row["key"]: row for row in new.select(schema.names).to_pylist()}
+    rows = [replacement.get(row["key"], row) for row in old.select(schema.names).to_pylist()]
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def is_legacy_part(name: str) -> bool:

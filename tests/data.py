@@ -151,9 +151,11 @@ def img2dataset_download(
     missing: int = 1,
     number_sample_per_shard: int = 4,
     url_list_format: str = "parquet",
+    extra_columns: dict[str, list] | None = None,
 ) -> Path:
     """Serve n generated images (+ `missing` 404 URLs) locally and run the real `img2dataset.download` on them in a
-    subprocess; returns its output folder. Captions are `caption <i>` for `http://…/<i>.jpg`."""
+    subprocess; returns its output folder. Captions are `caption <i>` for `http://…/<i>.jpg`. `extra_columns` (one
+    value per URL, the missing ones included) go through img2dataset's `save_additional_columns`."""
     tmp = Path(tmp_dir)
     www, out = tmp / "www", tmp / f"i2d-{output_format}"
     www.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def img2dataset_download(
     with serve_directory(www) as base:
         urls = [f"{base}/{i}.jpg" for i in range(n)] + [f"{base}/missing-{j}.jpg" for j in range(missing)]
         captions = [f"caption {i}" for i in range(n + missing)]
-        table = pa.table({"url": urls, "caption": captions})
+        table = pa.table({"url": urls, "caption": captions, **(extra_columns or {})})
         url_list = tmp / f"urls.{url_list_format}"
         if url_list_format == "parquet":
             pq.write_table(table, url_list)
@@ -184,7 +186,7 @@ def img2dataset_download(
                     url_list={str(url_list)!r}, input_format={url_list_format!r}, url_col="url", caption_col="caption",
                     output_folder={str(out)!r}, output_format={output_format!r}, processes_count=1, thread_count=4,
                     number_sample_per_shard={number_sample_per_shard}, enable_wandb=False, resize_mode="no",
-                    timeout=10, retries=0,
+                    timeout=10, retries=0, save_additional_columns={list(extra_columns or []) or None!r},
                 )
             """)
         )

@@ -80,3 +80,22 @@ def test_caption_takes_decoded_arrays_as_ray_read_images_gives_them(tmp_path, ra
     ds = ray.data.from_items([{"image": a} for a in arrays])
     out = recaption.caption(ds, {"models": [FAKE]}).take_all()
     assert [(r["status"], r["width"], r["height"]) for r in out] == [("ok", 56, 40)] * 3
+
+
+def test_caption_fills_prompts_from_the_users_columns(ray_session):
+    """A prompt naming `{TEXT}` (a LAION column) and `{alt_text}` takes them from the user's rows; a row without
+    `TEXT` gets the fallback prompt."""
+    import ray.data
+
+    rows = [{"image": make_image(i), "TEXT": f"a photo {i}" if i else None, "alt_text": "alt"} for i in range(3)]
+    prompts = {"cond": {"text": "Alt: {TEXT} / {alt_text}. Describe.", "fallback": "short"}}
+    cfg = {"models": [{**FAKE, "prompts": ["cond"]}], "prompts": prompts}
+    out = sorted(
+        recaption.caption(ray.data.from_items(rows), cfg, keep_image=False).take_all(), key=lambda r: r["TEXT"] or ""
+    )
+    asked = [r["captions"][0]["prompt_text"] for r in out]
+    assert asked == [
+        "Describe this image in one short sentence.",
+        "Alt: a photo 1 / alt. Describe.",
+        "Alt: a photo 2 / alt. Describe.",
+    ]

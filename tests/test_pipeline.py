@@ -12,6 +12,7 @@ import pytest
 
 from recaption.config import load_config
 from recaption.pipeline import run_pipeline
+from recaption.shards.fields import IMG2DATASET_FIELDS
 from recaption.writer import OUTPUT_SCHEMA, read_run_metadata
 from tests.data import (
     img2dataset_download,
@@ -37,7 +38,8 @@ def read_output(out: Path) -> pa.Table:
 def check_contract(out: Path, expected_keys: list[str], n_captions: int) -> pa.Table:
     """Output rows == input rows, keys equal and unique, every row ok (with captions) or failed (with an error)."""
     table = read_output(out)
-    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    schema = table.schema.remove_metadata()
+    assert pa.schema(list(schema)[: len(OUTPUT_SCHEMA)]) == OUTPUT_SCHEMA  # then the kept source fields, if any
     keys = table.column("key").to_pylist()
     assert len(keys) == len(set(keys)), "duplicate keys in the output"
     assert sorted(keys) == sorted(expected_keys)
@@ -74,6 +76,10 @@ def test_img2dataset_webdataset_shards(tmp_path, ray_session):
         i = r["url"].rsplit("/", 1)[1].split(".")[0]
         assert r["alt_text"] == f"caption {i}" and r["source"].endswith(".tar")
     assert [c["prompt"] for c in rows[0]["captions"]] == ["detailed", "short"]
+    # keep_columns: auto keeps img2dataset's own fields, typed
+    kept = table.schema.names[len(OUTPUT_SCHEMA) :]
+    assert {"original_width", "original_height", "sha256"} <= set(kept) <= set(IMG2DATASET_FIELDS), kept
+    assert all(r["original_width"] == r["width"] and len(r["sha256"]) == 64 for r in rows)
     meta = read_run_metadata(str(next((tmp_path / "out").glob("part-*.parquet"))))
     assert meta["config_hash"] == cfg.hash() and meta["config"]["input"]["path"] == str(shards)
 

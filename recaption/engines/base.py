@@ -22,6 +22,19 @@ class Generation:
     flags: list[str] = field(default_factory=list)
 
 
+def check_extra_keys(model_id: str, what: str, extra: dict, known: set[str]) -> None:
+    """A ConfigError naming the first key of `generation.extra` that is not a `what` argument (with the closest one)."""
+    import difflib
+
+    from recaption.errors import ConfigError
+
+    for key in sorted(extra):
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"model {model_id}: generation.extra.{key} is not a {what} argument{hint}")
+
+
 class Captioner(Protocol):
     """Captions a batch of images, each with the prompt text (not yet chat-formatted) at the same index."""
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from recaption.config import GenerationConfig
 from recaption.engines.base import Generation, engine_dead
-from recaption.errors import EngineDeadError, EngineError
+from recaption.errors import ConfigError, EngineDeadError, EngineError
 from recaption.faults import fault_raise
 from recaption.models import resolve_model
 from recaption.prompts import format_prompt
@@ -203,6 +203,7 @@ class HFCaptioner:
             config.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0)
         else:
             config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        config.update(**gen.extra)  # generation.extra last: any other `generate` setting (checked at plan time)
         return config
 
     def _new_tokens(self, output: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
@@ -262,3 +263,21 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 def _error(message: str) -> Generation:
     return Generation(text="", n_tokens=0, finish_reason="error", error=message[:_MAX_ERROR_CHARS])
+
+
+def check_generate_extra(model_id: str, extra: dict[str, Any]) -> None:
+    """Before any work: every key of `generation.extra` is a transformers GenerationConfig setting and the set is
+    one transformers accepts (a ConfigError in one line otherwise)."""
+    if not extra:
+        return
+    import transformers
+
+    from recaption.engines.base import check_extra_keys
+
+    check_extra_keys(model_id, "transformers generate", extra, set(vars(transformers.GenerationConfig())))
+    try:
+        transformers.GenerationConfig(do_sample=True, **extra).validate(strict=True)
+    except Exception as e:
+        raise ConfigError(
+            f"model {model_id}: generation.extra is refused by transformers: {' '.join(str(e).split())}"
+        ) from None

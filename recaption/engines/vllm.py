@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from recaption.config import GenerationConfig
-from recaption.engines.base import Generation, engine_dead
+from recaption.engines.base import Generation, check_extra_keys, engine_dead
 from recaption.errors import EXIT_ENGINE_DEAD, ConfigError, EngineDeadError, EngineError
 from recaption.faults import fault_call
 from recaption.models import resolve_model
@@ -276,7 +276,35 @@ def sampling_params(gen: GenerationConfig, index: int) -> Any:
     """vLLM sampling parameters of request `index` of a call."""
     from vllm import SamplingParams
 
-    return SamplingParams(**sampling_kwargs(gen, index))
+    return SamplingParams(**sampling_kwargs(gen, index), **sampling_extra(gen.extra))
+
+
+def sampling_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """`generation.extra` as SamplingParams arguments: a mapping given for structured output becomes vLLM's params
+    object (`structured_outputs: {json: SCHEMA}`, `{regex: ...}`, `{choice: [...]}`)."""
+    out = dict(extra)
+    if isinstance(out.get("structured_outputs"), dict):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        out["structured_outputs"] = StructuredOutputsParams(**out["structured_outputs"])
+    return out
+
+
+def check_sampling_extra(model_id: str, extra: dict[str, Any]) -> None:
+    """Before any work: every key of `generation.extra` is a SamplingParams argument of the installed vLLM and the
+    whole set is accepted by it (a ConfigError in one line otherwise)."""
+    if not extra:
+        return
+    from vllm import SamplingParams
+
+    known = set(getattr(SamplingParams, "__struct_fields__", ()))
+    check_extra_keys(model_id, "vLLM SamplingParams", extra, known)
+    try:
+        SamplingParams(**sampling_extra(extra))
+    except Exception as e:
+        raise ConfigError(
+            f"model {model_id}: generation.extra is refused by vLLM: {' '.join(str(e).split())}"
+        ) from None
 
 
 def final_only(params: Any) -> None:

@@ -30,22 +30,48 @@ def builtin_prompts() -> dict[str, str]:
     return {str(k): str(v).strip() for k, v in data.items()}
 
 
-def prompt_names(extra: dict[str, str] | None = None) -> list[str]:
+def prompt_names(extra: dict[str, Any] | None = None) -> list[str]:
     """All prompt names known with `extra` (a config's `prompts:` section) merged in."""
     return sorted({**builtin_prompts(), **(extra or {})})
 
 
-def get_prompt(name: str, extra: dict[str, str] | None = None) -> str:
-    """The text of a named prompt; `extra` overrides or adds names."""
+def get_prompt(name: str, extra: dict[str, Any] | None = None) -> str:
+    """The text of a named prompt; `extra` (a config's `prompts:`: texts or {text, fallback}) overrides or adds
+    names."""
+    return prompt_spec(name, extra)[0]
+
+
+def prompt_spec(name: str, extra: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """A named prompt's text and the name of its fallback (None: it has none)."""
     prompts = {**builtin_prompts(), **(extra or {})}
     if name not in prompts:
         raise ConfigError(
             f"prompt {name!r} is unknown; known prompts: {', '.join(sorted(prompts))} (add it under `prompts:`)"
         )
-    text = prompts[name].strip()
-    if not text:
+    value = prompts[name]
+    if not isinstance(value, str):  # a PromptSpec, or its dict
+        value = value if isinstance(value, dict) else value.model_dump()
+        text, fallback = str(value.get("text") or ""), value.get("fallback")
+    else:
+        text, fallback = value, None
+    if not text.strip():
         raise ConfigError(f"prompt {name!r} is empty")
-    return text
+    return text.strip(), fallback
+
+
+def resolve_prompt_specs(names: list[str], extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """`{name: {"text", "fallback"}}` for the named prompts and every fallback they lead to."""
+    specs: dict[str, dict[str, Any]] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop(0)
+        if name in specs:
+            continue
+        text, fallback = prompt_spec(name, extra)
+        specs[name] = {"text": text, "fallback": fallback}
+        if fallback:
+            todo.append(fallback)
+    return specs
 
 
 def format_prompt(family: str, prompt_text: str, processor: Any | None = None) -> str:

@@ -14,6 +14,7 @@ from recaption.config import InputConfig
 from recaption.errors import InputError
 from recaption.redact import redact_text
 from recaption.shards import SourceRecord, WorkUnit
+from recaption.shards.fields import kept_fields
 from recaption.shards.fs import Unreachable, display, is_uri, join, open_input_file, parent, read_bytes, retrying
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "bytes", "jpeg")
@@ -34,9 +35,10 @@ class Columns:
     url: str | None = None
     status: str | None = None  # img2dataset: why `image` is null
     error_message: str | None = None
+    kept: tuple[str, ...] = ()  # source columns kept in the output (`input.keep_columns`) that this table has
 
     def names(self) -> list[str]:
-        cols = [self.image, self.key, self.caption, self.url, self.status, self.error_message]
+        cols = [self.image, self.key, self.caption, self.url, self.status, self.error_message, *self.kept]
         return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -65,6 +67,7 @@ def resolve_columns(schema: pa.Schema, cfg: InputConfig, fmt: str, where: str) -
             f"{where}: no image column (looked for {list(candidates)}); set input.image_column, columns are {names}"
         )
     i2d = fmt == "img2dataset-parquet"
+    kept = tuple(f.source for f in kept_fields(cfg.keep_columns, fmt, []) if f.source in names)
     return Columns(
         image=image,
         key=pick(cfg.key_column, KEY_COLUMNS, "input.key_column"),
@@ -72,6 +75,7 @@ def resolve_columns(schema: pa.Schema, cfg: InputConfig, fmt: str, where: str) -
         url=pick(cfg.url_column, URL_COLUMNS, "input.url_column"),
         status="status" if i2d and "status" in names else None,
         error_message="error_message" if i2d and "error_message" in names else None,
+        kept=kept,
     )
 
 
@@ -132,6 +136,7 @@ def _records(batch: pa.RecordBatch, first: int, cols: Columns, unit: WorkUnit) -
 
     images, keys, captions, urls = column(cols.image), column(cols.key), column(cols.caption), column(cols.url)
     statuses, messages = column(cols.status), column(cols.error_message)
+    kept = {name: column(name) for name in cols.kept}
     stem = posixpath.splitext(unit.source)[0]
     base = parent(unit.uri)
     for i, value in enumerate(images):
@@ -139,7 +144,10 @@ def _records(batch: pa.RecordBatch, first: int, cols: Columns, unit: WorkUnit) -
         image, error = _image_bytes(value, base)
         if error and cols.status:
             error = f"img2dataset status {statuses[i]}: {messages[i]}"
-        yield SourceRecord(key=key, image=image, url=_text(urls[i]), alt_text=_text(captions[i]), error=error)
+        meta = {name: values[i] for name, values in kept.items()} or None
+        yield SourceRecord(
+            key=key, image=image, url=_text(urls[i]), alt_text=_text(captions[i]), error=error, meta=meta
+        )
 
 
 def _image_bytes(value: object, base: str) -> tuple[bytes | None, str | None]:

@@ -80,6 +80,23 @@ def read_unit(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
             return
 
 
+def first_fields(unit: WorkUnit, input_cfg: InputConfig) -> set[str]:
+    """The source fields (a tar sample's `.json` keys, a table's kept columns) of the unit's first row; none for an
+    empty or unreadable unit (its own read reports that)."""
+    record = first_record(unit, input_cfg)
+    return set(record.meta or ()) if record is not None else set()
+
+
+def first_record(unit: WorkUnit, input_cfg: InputConfig) -> SourceRecord | None:
+    """The unit's first record, None for an empty or unreadable unit (its own read reports that)."""
+    try:
+        for record in READERS[unit.format](unit, input_cfg):
+            return record
+    except (InputError, pa.ArrowException, OSError) as e:
+        log.debug("unit %s: first record not read: %s", unit.unit, redact_text(str(e)))
+    return None
+
+
 def _keys_before(unit: WorkUnit) -> dict[str, int]:
     """The keys the samples before a slice of a split tar take (its index has them), so that a key repeated across
     slices fails as it does when the whole tar is one unit: the rows of a split tar are those of the whole tar."""

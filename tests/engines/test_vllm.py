@@ -178,6 +178,26 @@ def test_sampling_is_seeded_gives_n_per_request_and_stops_at_stop_strings(engine
     assert cut and all(g.finish_reason == "stop" and stop not in g.text for g in cut)
 
 
+@vllm_test
+def test_generation_extra_reaches_sampling_and_structured_output_holds(engines):
+    """`generation.extra` goes to SamplingParams: a choice constraint makes every caption one of the choices (the
+    random-weight model would write anything else), presence_penalty arrives (greedy resets top_k); a key vLLM lacks is one line at plan time."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    extra = {"presence_penalty": 0.5, "structured_outputs": {"choice": ["a red cat", "two blue dogs"]}}
+    gen = GenerationConfig(max_new_tokens=MAX_NEW, extra=extra)
+    params = vllm_engine.sampling_params(gen, 0)
+    assert params.presence_penalty == 0.5 and isinstance(params.structured_outputs, StructuredOutputsParams)
+    images, prompts = requests(2)
+    texts = [g.text for g in engines["llava"].caption(images, prompts, gen)]
+    assert texts and set(texts) <= {"a red cat", "two blue dogs"}, texts
+    with pytest.raises(ConfigError, match=r"generation.extra.top_kk is not a vLLM SamplingParams argument.*top_k"):
+        vllm_engine.check_sampling_extra("m", {"top_kk": 3})
+    with pytest.raises(ConfigError, match="refused by vLLM"):
+        vllm_engine.check_sampling_extra("m", {"min_p": 7.0})
+    vllm_engine.check_sampling_extra("m", extra)
+
+
 HF_AS_VLLM = {"path": "tiny-llava", "prompts": "[detailed, short]"}
 
 
