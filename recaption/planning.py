@@ -25,6 +25,7 @@ import pyarrow as pa
 from recaption.config import ImageConfig, InputConfig, PipelineConfig, load_config
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
+from recaption.shards.fields import TYPES, KeptField
 from recaption.shards.fs import FileEntry, display, join, parent
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Plan:
 def plan_run(cfg: PipelineConfig, *, sample_shards: int = SAMPLE_SHARDS, calibrate: int = 0) -> Plan:
     """Plans a run of `cfg` without running it (and without writing to its output); with `calibrate` > 0, also
     captions that many images of the input in a temporary output to measure speed and extrapolate the whole run."""
-    from recaption.pipeline import check_models, check_paths, resolve_prompts
+    from recaption.pipeline import check_models, check_paths, check_prompt_fields, resolve_prompts
 
     resolve_prompts(cfg)
     check_paths(cfg)
@@ -129,6 +130,10 @@ def plan_run(cfg: PipelineConfig, *, sample_shards: int = SAMPLE_SHARDS, calibra
     except RecaptionError as e:
         problems.append(str(e))
     inp = plan_input(cfg.input, cfg.output.path, sample_shards)
+    try:  # every field a prompt names is one the rows have (their own and the kept source fields)
+        check_prompt_fields(cfg, kept_of(cfg))
+    except RecaptionError as e:
+        problems.append(str(e))
     out, out_problems = plan_output(cfg, inp)
     cluster, pools = plan_pools(cfg)
     problems += [p.problem for p in pools if p.problem]  # these stop a calibration run too; the output's do not
@@ -383,14 +388,16 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
     scratch = scratch_dir(cfg, plan.cluster)
     fs, scratch_path = resolve(scratch)
     try:
-        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"), cfg.images)
+        kept = [KeptField(**f) for f in kept_of(cfg)]
+        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"), cfg.images, kept)
         if not images:
             raise RecaptionError(f"not calibrating: no image of the input {display(cfg.input.path)} decodes")
         per_unit = max(1, math.ceil(images / CALIBRATION_UNITS))
         data = cfg.model_dump(mode="json")
-        data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": "image",
-                         "key_column": "key", "caption_column": "alt_text", "url_column": "url",
-                         "unit_size": per_unit}  # fmt: skip
+        # The kept source fields come along under their source names, so prompts that name them fill as in the run.
+        data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": CAL["image"],
+                         "key_column": CAL["key"], "caption_column": CAL["alt_text"], "url_column": CAL["url"],
+                         "unit_size": per_unit, "keep_columns": [f"{f.source}:{_cal_type(f)}" for f in kept]}  # fmt: skip
         data["output"] = {**data["output"], "path": join(scratch, "out")}
         for model in data["models"]:
             model["concurrency"] = 1
@@ -430,10 +437,26 @@ def scratch_dir(cfg: PipelineConfig, cluster: dict[str, Any]) -> str:
     return join(parent(cfg.output.path), f".recaption-calibrate-{uuid.uuid4().hex[:12]}")
 
 
-def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageConfig) -> int:
+# The calibration input's own columns: names no source field takes, so every kept field keeps its name.
+CAL = {name: f"__recaption_{name}" for name in ("key", "image", "url", "alt_text")}
+
+
+def _cal_type(field: KeptField) -> str:
+    return "string" if field.type == "json" else field.type  # a json field is carried as its JSON text
+
+
+def kept_of(cfg: PipelineConfig) -> list[dict]:
+    """The source fields a run of `cfg` would keep as columns, as the run finds them (its first unit's first row)."""
+    from recaption.pipeline import kept_columns
+
+    first = next(iter(_whole_shards(cfg.input)), None)
+    return kept_columns(cfg, [first] if first is not None else [])
+
+
+def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageConfig, kept: list[KeptField] = ()) -> int:
     """Writes the first `n` images of the input that decode within the run's image limits (in shard order, with their
-    keys, URLs and alt texts) as one Parquet file; returns how many it found. Broken ones are left out: a calibration
-    measures captioning, and the plan's counts already include every row."""
+    keys, URLs, alt texts and `kept` source fields) as one Parquet file; returns how many it found. Broken ones are
+    left out: a calibration measures captioning, and the plan's counts already include every row."""
     import pyarrow.parquet as pq
 
     from recaption.images import decode_image
@@ -444,8 +467,9 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageCon
     for unit in _whole_shards(input_cfg):
         for rec in read_unit(unit, input_cfg):
             if rec.error is None and rec.image and _decodes(decode_image, rec.image, image_cfg):
-                rows.append({"key": f"{unit.unit}/{rec.key}", "image": rec.image, "url": rec.url,
-                             "alt_text": rec.alt_text})  # fmt: skip
+                row = {CAL["key"]: f"{unit.unit}/{rec.key}", CAL["image"]: rec.image, CAL["url"]: rec.url,
+                       CAL["alt_text"]: rec.alt_text}  # fmt: skip
+                rows.append(row | {f.source: f.value(rec.meta) for f in kept})
             if len(rows) >= n:
                 break
         if len(rows) >= n:
@@ -453,8 +477,8 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageCon
     if rows:
         fs, path = resolve(dest)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("url", pa.string()),
-                            ("alt_text", pa.string())])  # fmt: skip
+        schema = pa.schema([(CAL["key"], pa.string()), (CAL["image"], pa.binary()), (CAL["url"], pa.string()),
+                            (CAL["alt_text"], pa.string())] + [(f.source, TYPES[_cal_type(f)]) for f in kept])  # fmt: skip
         with fs.open_output_stream(path) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
     return len(rows)

@@ -191,3 +191,23 @@ def test_calibration_uses_images_that_decode_and_says_when_none_does(tmp_path, r
     assert main(["plan", str(config), "--calibrate", "2"]) == 1
     assert f"not calibrating: no image of the input {tmp_path / 'bad'} decodes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_calibration_carries_the_kept_source_fields_its_prompts_name(tmp_path, ray_session, capsys):
+    from recaption.shards.tar import write_webdataset
+    from tests.data import make_image
+
+    samples = [{"key": f"k{i}", "jpg": make_image(i), "caption": f"alt {i}", "json": {"similarity": 0.25 + i}}
+               for i in range(3)]  # fmt: skip
+    write_webdataset(str(tmp_path / "in"), samples, shard_size=5)
+    model = {**FAKE, "prompts": ["sim"]}
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [model],
+            "prompts": {"sim": "Alt text: {alt_text}; CLIP similarity {similarity}. Describe the image."}}  # fmt: skip
+    plan = recaption.plan(data, calibrate=2)  # keep_columns auto keeps img2dataset's similarity
+    assert plan.problems == [] and plan.calibration.images == 2 and plan.calibration.failed == 0
+    assert plan.calibration.models["fake"]["failed_captions"] == 0
+    assert set(plan.calibration.models["fake"]["tokens_per_caption"]) == {"sim"}
+    # A prompt naming a field the rows lack is a problem the plan reports (a run would stop on it).
+    config = write_config(tmp_path / "p.yaml", {**data, "prompts": {"sim": "Seen on {nope}. Describe it."}})
+    assert main(["plan", str(config)]) == 2
+    assert "nope" in capsys.readouterr().out
