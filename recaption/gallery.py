@@ -17,11 +17,13 @@ import pyarrow.dataset as pads
 from recaption.config import ImageConfig
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
-from recaption.writer import OutputDir
+from recaption.writer import OUTPUT_SCHEMA, OutputDir
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 256
+# A card's own entries; any other column of its row is a kept source field (input.keep_columns).
+CARD_COLUMNS = frozenset(OUTPUT_SCHEMA.names) | {"src", "image"}
 FAILED_SHARE = 4  # up to a quarter of the gallery (at least one card) shows failed rows, when the output has any
 
 STYLE = (
@@ -115,11 +117,13 @@ def gallery_cards(
 
 
 def card_json(card: dict) -> dict[str, Any]:
-    """What report.json keeps of a card (no image bytes)."""
+    """What report.json keeps of a card (no image bytes); kept source fields under `fields`."""
     keep = ("unit", "key", "status", "error", "alt_text", "url", "width", "height")
     caps = [{k: c[k] for k in ("model", "prompt", "text", "n_tokens", "finish_reason", "flags")}
             for c in card.get("captions") or []]  # fmt: skip
-    return {**{k: card.get(k) for k in keep}, "thumbnail": card.get("src") is not None, "captions": caps}
+    fields = {k: v for k, v in card.items() if k not in CARD_COLUMNS}
+    return {**{k: card.get(k) for k in keep}, "fields": fields, "thumbnail": card.get("src") is not None,
+            "captions": caps}  # fmt: skip
 
 
 def render_gallery(cards: list[dict], caption: str = "") -> str:
@@ -138,12 +142,20 @@ def render_gallery(cards: list[dict], caption: str = "") -> str:
                 f"<span class=status>{escape(card['status'])}</span>{size}</p>")  # fmt: skip
         error = f"<p class=error>{escape(card['error'])}</p>" if card.get("error") else ""
         alt = f"<p class=alt>alt text: {escape(card['alt_text'])}</p>" if card.get("alt_text") else ""
+        kept = {k: v for k, v in card.items() if k not in CARD_COLUMNS and v is not None}
+        if kept:  # the source fields the output keeps (input.keep_columns): similarity, LICENSE …
+            alt += "<p class=alt>" + " · ".join(f"{escape(k)}: {escape(_short(v))}" for k, v in kept.items()) + "</p>"
         parts.append(
             f"<div class='card{' failed' if failed else ''}'><div class=thumb>{thumb}</div><div class=body>"
             f"{meta}{error}{alt}{_captions_table(card.get('captions') or [])}</div></div>"
         )
     parts.append("</div>")
     return "".join(parts)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _captions_table(captions: list[dict]) -> str:
