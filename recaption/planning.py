@@ -546,9 +546,9 @@ def _model_figures(cfg: PipelineConfig, out_path: str, metrics: dict[str, dict])
 
 
 def _extrapolate(plan: Plan, cfg: PipelineConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rows still to do at the measured per-actor speed with the planned pools (their size now; an elastic pool
-    at its minimum): the pools run at once, so the slowest pool sets the pace; GPU-hours are what the pools hold for
-    that time."""
+    """The rows still to do (and the whole input's: `input_*`) at the measured per-actor speed with the planned
+    pools (their size now; an elastic pool at its minimum): the pools run at once, so the slowest pool sets the pace;
+    GPU-hours are what the pools hold for that time."""
     rows = plan.output.todo_rows
     pace: dict[str, float] = {}
     for pool in plan.pools:
@@ -561,8 +561,12 @@ def _extrapolate(plan: Plan, cfg: PipelineConfig, models: dict[str, dict[str, An
     bottleneck = min(pace, key=pace.get)
     images_per_s = pace[bottleneck]
     wall_s = rows / images_per_s if images_per_s else 0.0
+    input_wall_s = plan.input.rows / images_per_s if images_per_s else 0.0
     gpus = sum((p.actors_min or 0) * p.gpus_per_actor for p in plan.pools)
     return {
+        "input_rows": plan.input.rows,
+        "input_wall_s": round(input_wall_s, 3),
+        "input_gpu_hours": round(gpus * input_wall_s / 3600, 4),
         "rows": rows,
         "exact_rows": plan.input.exact,
         "images_per_s": round(images_per_s, 3),
@@ -620,9 +624,14 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"          {model}: {speed} images/s per actor; tokens per caption: {toks}")
         e = cal.estimate
         if "wall_s" in e:
-            about = "" if e["exact_rows"] else " (rows estimated)"
-            lines.append(f"estimate: {e['rows']} rows at {e['images_per_s']:g} images/s (paced by {e['bottleneck']}): "
-                         f"{_duration(e['wall_s'])} wall, {e['gpu_hours']:g} GPU-hours on {e['gpus']:g} GPUs{about}")  # fmt: skip
+            about = "" if e["exact_rows"] else ", rows estimated"
+            lines.append(f"estimate: {e['images_per_s']:g} images/s (paced by {e['bottleneck']}) on {e['gpus']:g} "
+                         f"GPUs{about}")  # fmt: skip
+            lines.append(f"          whole input, {e['input_rows']} rows: {_duration(e['input_wall_s'])} wall, "
+                         f"{e['input_gpu_hours']:g} GPU-hours")  # fmt: skip
+            if e["rows"] != e["input_rows"]:
+                lines.append(f"          left to do, {e['rows']} rows: {_duration(e['wall_s'])} wall, "
+                             f"{e['gpu_hours']:g} GPU-hours")  # fmt: skip
         else:
             lines.append(f"estimate: {e['note']}")
     for problem in plan.problems:

@@ -121,18 +121,19 @@ def test_calibration_runs_in_a_temporary_output_and_extrapolates(tmp_path, ray_s
     assert main(["plan", str(write_config(tmp_path / "p.yaml", data)), "--calibrate", "3"]) == 0
     printed = capsys.readouterr().out
     assert "calibration: 3 images in" in printed and "images/s per actor; tokens per caption: short" in printed
-    assert "estimate: 12 rows at" in printed and "GPU-hours on 0 GPUs" in printed
+    assert "(paced by fake) on 0 GPUs" in printed and "whole input, 12 rows:" in printed
+    assert "left to do" not in printed  # nothing done yet: the whole input is what is left
 
 
 def test_gpu_hours_are_what_the_pools_hold_while_the_slowest_paces_the_run():
     pools = [PoolPlan("a", "vllm", "a", ["detailed"], 4, 4, 1.0, 1.0, None),
              PoolPlan("b", "vllm", "b", ["short"], 2, 2, 2.0, 1.0, None)]  # fmt: skip
-    plan = Plan("h", None, type("O", (), {"todo_rows": 36_000})(), {}, pools)
-    plan.input = type("I", (), {"exact": False})()
+    plan = Plan("h", type("I", (), {"exact": False, "rows": 72_000})(), type("O", (), {"todo_rows": 36_000})(), {},
+                pools)  # fmt: skip
     e = _extrapolate(plan, None, {"a": {"images_per_s_per_actor": 5.0}, "b": {"images_per_s_per_actor": 4.0}})
     # a: 4 actors × 5 = 20 images/s; b: 2 × 4 = 8 images/s → b paces the run: 36000 / 8 = 4500 s on 4 + 4 GPUs
     assert (e["bottleneck"], e["images_per_s"], e["wall_s"], e["gpus"], e["gpu_hours"]) == ("b", 8.0, 4500.0, 8.0, 10.0)
-    assert e["exact_rows"] is False
+    assert e["exact_rows"] is False and (e["input_rows"], e["input_wall_s"], e["input_gpu_hours"]) == (72_000, 9000, 20)
     none = _extrapolate(plan, None, {"a": {"images_per_s_per_actor": 5.0}})
     assert "no speed measured for b" in none["note"]
 
