@@ -770,7 +770,7 @@ def plain_step(cfg) -> tuple[Callable[[], None], int]:
         out = model(**inputs)
         if "short_all" in out:
             out.update(split_texts(out.pop("short_all"), batch["layout"], n))
-        compute_losses(out, cfg.loss)["loss"].backward()
+        compute_losses(out, cfg.loss, batch["text_ids"])["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

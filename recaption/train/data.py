@@ -4,6 +4,7 @@ batches of pixels and tokens."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import queue
@@ -260,18 +261,34 @@ class Batches:
             "layout": self.layout,
             "state": DataState(self.state.epoch, self.state.consumed),
         }
+        batch["text_ids"] = {}
         if self.cfg.loss.long:
             batch["long_ids"], batch["long_mask"] = encode(self.tokenizer, [t.long for t in texts], self.long_tokens)
+            batch["text_ids"]["long"] = text_ids([[t.long] for t in texts])[:, 0]
         short = []
         for name, _ in self.layout:
-            for t in texts:
-                short += [t.short] if name == "short" else t.subs if name == "subs" else t.holistic
+            group = [[t.short] if name == "short" else t.subs if name == "subs" else t.holistic for t in texts]
+            short += [text for per_image in group for text in per_image]
+            ids = text_ids(group)
+            batch["text_ids"][name] = ids[:, 0] if name == "short" else ids
         if short:
             batch["short_ids"], batch["short_mask"] = encode(self.tokenizer, short, self.short_tokens)
         return batch
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def text_ids(texts: list[list[str]]) -> torch.Tensor:
+    """(N, n) int64 ids, equal exactly for equal texts in any worker (a hash of the text), so that the loss can tell
+    identical texts of the global batch apart from negatives."""
+    return torch.tensor(
+        [
+            [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big", signed=True) for t in row]
+            for row in texts
+        ],
+        dtype=torch.int64,
+    )
 
 
 def _try_load(data: bytes, size: int) -> np.ndarray | None:

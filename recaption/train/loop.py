@@ -83,7 +83,8 @@ def train(
                         out = ddp(**inputs)
                         if "short_all" in out:
                             out.update(split_texts(out.pop("short_all"), batch["layout"], len(batch["keys"])))
-                        losses = compute_losses(out, cfg.loss)
+                        ids = {k: v.to(device, non_blocking=True) for k, v in batch["text_ids"].items()}
+                        losses = compute_losses(out, cfg.loss, ids)
                     scaler.scale(losses["loss"] / accum).backward()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + value.detach() / accum
