@@ -212,3 +212,20 @@ def test_a_calibration_carries_the_kept_source_fields_its_prompts_name(tmp_path,
     config = write_config(tmp_path / "p.yaml", {**data, "prompts": {"sim": "Seen on {nope}. Describe it."}})
     assert main(["plan", str(config)]) == 2
     assert "nope" in capsys.readouterr().out
+
+
+def test_the_plan_names_a_run_that_holds_the_output(tmp_path):
+    from recaption.lease import Lease
+    from recaption.planning import InputPlan, plan_output
+    from recaption.writer import open_output
+
+    cfg = load_config(None, data={"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+                                  "models": [FAKE]})  # fmt: skip
+    out = open_output(cfg.output.path)
+    out.claim()
+    inp = InputPlan(str(tmp_path / "in"), "webdataset", 1, 1, 2, True, 1, {"u": 2})
+    with Lease(out, 60).acquire() as lease:
+        plan, problems = plan_output(cfg, inp)
+        assert plan.holder and lease.run_id in plan.holder and problems == []
+        assert (plan.todo_units, plan.todo_rows) == (1, 2)
+    assert plan_output(cfg, inp)[0].holder is None  # released
