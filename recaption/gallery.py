@@ -4,6 +4,7 @@ each with a thumbnail made from its source image and every model's and prompt's 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import random
@@ -109,10 +110,15 @@ def gallery_cards(
         images = {}
         note = redact_text(f"the source images could not be read ({e}); pass the input's path (--input) if it moved")
         log.warning("%s", note)
-    cards = []
+    cards, changed = [], 0
     for row in rows:
         data = images.get((row["unit"], row["key"]))
+        if data is not None and hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+            data, changed = None, changed + 1  # never a caption beside another image than the one it describes
         cards.append({**row, "src": thumbnail(data, image_cfg) if data is not None else None})
+    if changed:
+        note = (f"{changed} rows' source images differ from the ones captioned (sha256): shown without them; "
+                "pass the input the run read (--input)")  # fmt: skip
     return cards, note
 
 

@@ -28,9 +28,9 @@ LOOP_WIDTH = 97  # the fake engine writes a repetition loop (flagged) for images
 ACCENT, FLAG = (0xB0, 0x00, 0x6A), (0x6A, 0x3D, 0xCC)  # the gallery's failed-card and flag-badge colours
 
 
-def solid(width: int, height: int = 90) -> bytes:
+def solid(width: int, height: int = 90, colour: tuple[int, int, int] = MAGENTA) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (width, height), MAGENTA).save(buf, format="PNG")
+    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -104,6 +104,12 @@ def test_flags_errors_and_a_moved_input(output, tmp_path):
         assert not any(r["thumbnail"] for r in report["gallery"]["rows"])
         report = build_report(str(tmp_path / "out"), gallery=4, input_path=str(moved))
         assert report["gallery"]["note"] is None and any(r["thumbnail"] for r in report["gallery"]["rows"])
+        # Another input with the same keys: no thumbnail of an image that is not the one captioned.
+        other = [{"key": f"img{i}", "png": solid(100 + 10 * i, colour=(0, 200, 0))} for i in range(9)]
+        write_webdataset(str(tmp_path / "other"), other, shard_size=5)
+        report = build_report(str(tmp_path / "out"), gallery=4, input_path=str(tmp_path / "other"))
+        assert "differ from the ones captioned" in report["gallery"]["note"]
+        assert not any(r["thumbnail"] for r in report["gallery"]["rows"])
     finally:
         shutil.move(moved, output / "in")
     assert main(["report", str(tmp_path / "out"), "--gallery", "0"]) == 0
