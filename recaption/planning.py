@@ -25,6 +25,7 @@ import pyarrow as pa
 from recaption.config import ImageConfig, InputConfig, PipelineConfig, load_config
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
+from recaption.shards import WorkUnit
 from recaption.shards.fields import TYPES, KeptField
 from recaption.shards.fs import FileEntry, display, join, parent
 
@@ -168,7 +169,7 @@ def plan_input(input_cfg: InputConfig, output: str | None, sample_shards: int = 
     count = _row_counter(fmt)
     sample = random.Random(SAMPLE_SEED).sample(shards, sample_shards)
     counted = {f.path: count(join(scanned.root, f.path)) for f in sample}
-    return _estimate(input_cfg, fmt, where, shards, counted, set(), _row_units_of(input_cfg.unit_size))
+    return _estimate(input_cfg, fmt, where, shards, counted, _row_units_of(input_cfg.unit_size))
 
 
 def _plan_tars(
@@ -181,17 +182,34 @@ def _plan_tars(
     missing = [t for t in tars if t.path not in counts]
     listed = {f.path for f in scanned.files}
     ids = _unique_ids([t.path for t in tars])
+
+    def count(entries: list[FileEntry]) -> dict[str, int]:
+        plain = [t for t in entries if not t.path.endswith(COMPRESSED_TARS)]
+        found = count_samples(scanned.root, plain, listed, ids)
+        for t in entries:  # no random access into a compressed tar: its records are read as a run reads them
+            if t.path.endswith(COMPRESSED_TARS):
+                found[t.path] = _records(WorkUnit(ids[t.path], t.path, join(scanned.root, t.path), "webdataset"),
+                                         input_cfg)  # fmt: skip
+        return found
+
     if len(missing) <= sample_shards:
-        counts.update(count_samples(scanned.root, missing, listed, ids))
+        counts.update(count(missing))
         return _exact(input_cfg, output, "webdataset", where, len(tars), counts)
     sample = random.Random(SAMPLE_SEED).sample(missing, sample_shards)
-    sampled = count_samples(scanned.root, sample, listed, ids)
+    sampled = count(sample)
     unit_size = input_cfg.unit_size
 
     def units_of(entry: FileEntry, rows: float) -> int:
         return 1 if entry.path.endswith(COMPRESSED_TARS) else max(1, math.ceil(rows / unit_size))
 
-    return _estimate(input_cfg, "webdataset", where, tars, {**counts, **sampled}, set(counts), units_of)
+    return _estimate(input_cfg, "webdataset", where, tars, {**counts, **sampled}, units_of)
+
+
+def _records(unit, input_cfg: InputConfig) -> int:
+    """The rows a run gets from a unit: its records, read."""
+    from recaption.shards.read import read_unit
+
+    return sum(1 for _ in read_unit(unit, input_cfg))
 
 
 def _row_units_of(unit_size: int):
@@ -218,7 +236,6 @@ def _estimate(
     where: str,
     shards: list[FileEntry],
     counted: dict[str, int],
-    cached: set[str],
     units_of,
 ) -> InputPlan:
     """Rows of the shards not counted, from the counted ones: rows per byte where sizes are known, else the mean."""

@@ -229,3 +229,19 @@ def test_the_plan_names_a_run_that_holds_the_output(tmp_path):
         assert plan.holder and lease.run_id in plan.holder and problems == []
         assert (plan.todo_units, plan.todo_rows) == (1, 2)
     assert plan_output(cfg, inp)[0].holder is None  # released
+
+
+def test_a_compressed_tar_is_counted_by_reading_it(tmp_path):
+    import io
+    import tarfile
+
+    from tests.data import make_image
+
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "a.tar.gz", "w:gz") as tf:  # no random access, no _stats.json
+        for name, data in [("k0.jpg", make_image(0)), ("k1.jpg", make_image(1)), ("k1.txt", b"alt"), ("k2.jpg", b"")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    planned = plan_input(InputConfig(path=str(tmp_path / "in"), unit_size=2), None)
+    assert (planned.units, planned.rows, planned.exact) == (1, 3, True)  # one unit whatever its size, 3 samples
