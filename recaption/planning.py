@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SHARDS = 64  # shards counted at most; an input with more (not counted before) is estimated from a sample
 SAMPLE_SEED = 0
+LOW_FILL = 0.5  # a calibration whose engine batch was fuller than this on average measured a fair speed
 CALIBRATION_UNITS = 4  # the calibration images are cut into this many units: per-unit timings, several in flight
 
 
@@ -554,6 +555,8 @@ def _model_figures(cfg: PipelineConfig, out_path: str, metrics: dict[str, dict])
         figures[model.id] = {
             "images": len(images),
             "engine_s": round(engine_s, 3),
+            # how full the engine's batch was on average (a run keeps it full): a low fill understates the speed
+            "batch_fill": round(float(snap.get("busy_s") or 0.0) / engine_s, 3) if engine_s > 0 else None,
             "images_per_s_per_actor": round(engine_images / engine_s, 3) if engine_s > 0 and images else None,
             "tokens_per_caption": {p: round(sum(v) / len(v), 1) for p, v in tokens.items()},
             "failed_captions": failed,
@@ -639,6 +642,9 @@ def format_plan(plan: Plan) -> str:
             speed = "-" if f["images_per_s_per_actor"] is None else f"{f['images_per_s_per_actor']:g}"
             toks = ", ".join(f"{p} {t:g}" for p, t in f["tokens_per_caption"].items()) or "-"
             lines.append(f"          {model}: {speed} images/s per actor; tokens per caption: {toks}")
+            if f["batch_fill"] is not None and f["batch_fill"] < LOW_FILL:
+                lines.append(f"          {model}: its engine's batch was {f['batch_fill']:.0%} full on average: the "
+                             "speed is understated; calibrate on more images (a run keeps the batch full)")  # fmt: skip
         e = cal.estimate
         if "wall_s" in e:
             about = "" if e["exact_rows"] else ", rows estimated"

@@ -107,7 +107,7 @@ def test_calibration_runs_in_a_temporary_output_and_extrapolates(tmp_path, ray_s
     assert cal.images == 5 and cal.failed == 0
     fake = cal.models["fake"]
     # The fake engine sleeps delay_s per request: 2 prompts per image, so at most 10 images per second of engine time.
-    assert fake["images"] == 5 and 0 < fake["images_per_s_per_actor"] <= 10.5
+    assert fake["images"] == 5 and 0 < fake["images_per_s_per_actor"] <= 10.5 and 0 < fake["batch_fill"] <= 1
     assert set(fake["tokens_per_caption"]) == {"short", "detailed"} and all(
         t > 3 for t in fake["tokens_per_caption"].values()
     )
@@ -245,3 +245,25 @@ def test_a_compressed_tar_is_counted_by_reading_it(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     planned = plan_input(InputConfig(path=str(tmp_path / "in"), unit_size=2), None)
     assert (planned.units, planned.rows, planned.exact) == (1, 3, True)  # one unit whatever its size, 3 samples
+
+
+def test_a_calibration_with_an_underfilled_batch_says_its_speed_is_understated():
+    from recaption.planning import Calibration, InputPlan, OutputPlan, format_plan
+
+    pool = PoolPlan("m", "vllm", "m", ["detailed"], 2, 2, 1.0, 1.0, None, {"10.0.0.1 (abcd)": 2})
+    figures = {"images": 64, "engine_s": 8.0, "batch_fill": 0.25, "images_per_s_per_actor": 8.0,
+               "tokens_per_caption": {"detailed": 120.0}, "failed_captions": 0, "gpus_per_actor": 1.0}  # fmt: skip
+    cluster = {"address": "ray://head:10001", "nodes": 2, "cpus": 64, "gpus": 2, "accelerators": {"H100": 2},
+               "autoscaling": False}  # fmt: skip
+    plan = Plan("h", InputPlan("s3://b/in", "webdataset", 10, 10, 3200, False, 4), OutputPlan("/o", "new"), cluster,
+                [pool])  # fmt: skip
+    plan.output.todo_rows = 3200
+    plan.calibration = Calibration(64, 30.0, 0, {"m": figures}, _extrapolate(plan, None, {"m": figures}))
+    text = format_plan(plan)
+    assert "ESTIMATED from 4 of 10 shards" in text and "to do:    about 0 units, about 3200 rows" in text
+    assert "2 on 10.0.0.1 (abcd)" in text and "2 GPUs (H100 2)" in text
+    assert "m: its engine's batch was 25% full on average: the speed is understated" in text
+    assert "estimate: 16 images/s (paced by m) on 2 GPUs, rows estimated" in text
+    assert "whole input, 3200 rows: 3 min wall, 0.1111 GPU-hours" in text  # 3200 / (2 × 8/s) = 200 s, 2 GPUs
+    figures["batch_fill"] = 0.9
+    assert "understated" not in format_plan(plan)
