@@ -88,8 +88,12 @@ summary = {
 }
 (out / "gpu-check.json").write_text(json.dumps(summary, indent=1))
 for m in summary["bench"] or []:
-    spread = f" (spread {m['spread'][0]:.3f}-{m['spread'][1]:.3f} over {m['repeats']})" if m["spread"] else ""
-    print(f"gpu-check: {m['name']}: {m['value']:.4g} {m['unit']} vs bare {m['baseline']:.4g}, ratio {m['ratio']:.3f}{spread}, target {m['target']}: {m['verdict']}")
+    line = f"gpu-check: {m['name']}: {m['value']:.4g} {m['unit']}"
+    if m["baseline"] is not None and m["ratio"] is not None:
+        line += f" vs bare {m['baseline']:.4g}, ratio {m['ratio']:.3f}"
+    if m["spread"]:
+        line += f" (spread {m['spread'][0]:.3f}-{m['spread'][1]:.3f} over {m['repeats']})"
+    print(line + (f", target {m['target']}: {m['verdict']}" if m["target"] else ""))
 print(f"gpu-check: {tests['run']} gpu tests ran, {tests['failed']} failed, {tests['skipped']} skipped; {seconds} s; {out / 'gpu-check.json'}")
 if problems:
     sys.exit("gpu-check: FAILED: " + "; ".join(problems))
