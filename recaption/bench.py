@@ -288,13 +288,16 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines + (["", "notes:", *notes] if notes else []))
 
 
-def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int, label: str = "") -> dict[str, list[float]]:
     """Each callable once per round, in turn (A, B, A, B, …), for `repeats` rounds: drift in the machine's load hits
-    every one alike. Their values, by name."""
+    every one alike. Their values, by name; with a `label`, each round's values are printed as it ends."""
     values: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, run in runs.items():
             values[name].append(run())
+        if label:
+            done = ", ".join(f"{name} {v[-1]:.4g}" for name, v in values.items())
+            print(f"bench:   {label}, round {i + 1}/{repeats}: {done}", flush=True)
     return values
 
 
@@ -557,7 +560,7 @@ def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: i
         for unit_size in cfgs:
             runs[f"bare {unit_size}"] = bare_loop(unit_size, pool)
             runs[f"ours {unit_size}"] = ours(unit_size)
-        values = interleaved(runs, sizes.repeats)
+        values = interleaved(runs, sizes.repeats, "data plane (images/s)")
     for unit_size in cfgs:
         name = "data plane (fake engine)" if unit_size == sizes.unit_size else f"data plane, {unit_size}-image units"
         units = -(-sizes.images // unit_size)
@@ -677,7 +680,9 @@ def bench_engine_hf(
 
         return run
 
-    values = interleaved({"bare": timed(bare), "ours": timed(ours, keep=True)}, max(sizes.repeats, 5))
+    values = interleaved(
+        {"bare": timed(bare), "ours": timed(ours, keep=True)}, max(sizes.repeats, 5), "hf engine (images/s)"
+    )
     result.add(
         compared(
             f"hf engine ({model})", "images/s", values["ours"], values["bare"], ">= 0.9",

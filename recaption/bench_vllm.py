@@ -99,7 +99,7 @@ def bench_engine_vllm(
 
         if not sizes.is_quick:  # Ray's workers start and import once, as in any long run
             _run_once(short_config(cfg, engines))
-        values = interleaved({"bare": bare_loop, "ours": ours, "peer": peer}, sizes.repeats)
+        values = interleaved({"bare": bare_loop, "ours": ours, "peer": peer}, sizes.repeats, "vllm (images/s)")
         bare.keep = True  # the pipeline and the peer are done: the engine may stay for the k-prompt runs
         prompt_runs = bench_prompts(bare, k_prompts, sizes.prompt_images, sizes.repeats)
     per = "GPU" if gpus else "engine"
@@ -297,7 +297,7 @@ def bench_prompts(bare: BareEngine, k_prompts: list[str], n_images: int, repeats
         runs["k"].append(bare.call(_bare_prompts, k_prompts, n_images))
         return runs["k"][-1]["seconds"]
 
-    interleaved({"one": one, "k": k}, repeats)
+    interleaved({"one": one, "k": k}, repeats, f"1 vs {len(k_prompts)} prompts per image (s)")
     return runs
 
 
