@@ -240,7 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="PATH", help="also write the measurements and machine facts as JSON")
     bench.add_argument("--cpus", type=int, help="CPUs for Ray and the bare loops (default: all)")
-    bench.add_argument("--workdir", default="bench-work", help="generated inputs and outputs (reused between runs)")
+    bench.add_argument(
+        "--workdir",
+        help="generated inputs and outputs, reused between runs (default: $RECAPTION_CACHE/bench, else "
+        "~/.cache/recaption/bench)",
+    )
+    bench.add_argument(
+        "--repeats", type=int, help="interleaved repeats behind each figure (default 3, --quick 2; the hf engine 5+)"
+    )
+    bench.add_argument("--device", help="hf engine section: cpu or cuda (default: cuda where there is one)")
+    bench.add_argument(
+        "--dtype", help="hf engine section: float32, bfloat16 … (default: bfloat16 on cuda, else float32)"
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -424,7 +435,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from recaption.bench import run_bench
 
-    run_bench(args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus, args.pipeline)
+    run_bench(
+        args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus, args.pipeline,
+        args.repeats, args.device, args.dtype,
+    )  # fmt: skip
     return 0
 
 
