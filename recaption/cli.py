@@ -154,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         "path), batch_size, output; or `synthetic`: "
         "train tiny models on generated scenes for the short/long/corner-token ablation and report it",
     )
-    ev.add_argument("--size", type=int, default=400, help="synthetic: train scenes (held-out: a quarter, at least 16)")
-    ev.add_argument("--repeats", type=int, default=3, help="synthetic: training seeds per arm")
-    ev.add_argument("--steps", type=int, default=150, help="synthetic: training steps per model")
+    ev.add_argument("--size", type=int, default=2000, help="synthetic: train scenes")
+    ev.add_argument("--repeats", type=int, default=5, help="synthetic: training seeds per arm (paired across arms)")
+    ev.add_argument("--steps", type=int, default=1000, help="synthetic: training steps per model")
+    ev.add_argument("--batch-size", type=int, default=32, help="synthetic: images per step")
+    ev.add_argument("--jobs", type=int, default=2, help="synthetic: models trained at once (one thread each)")
+    ev.add_argument("--eval-long", type=int, default=500, help="synthetic: held-out scenes for long-text retrieval")
+    ev.add_argument("--eval-short", type=int, default=1000, help="synthetic: held-out scenes for short zero-shot")
     ev.add_argument("--out", default="eval-synthetic", help="synthetic: directory for data, runs, JSON and PNG")
-    ev.add_argument(
-        "--no-text", action="store_true", help="synthetic: scenes without their written word (and caption sentence)"
-    )
     add_overrides(ev, "model.path=/ckpt/clip")
     ev.set_defaults(func=cmd_eval)
 
@@ -376,7 +377,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.config == "synthetic":
         from recaption.eval.ablation import run_ablation
 
-        run_ablation(args.out, size=args.size, repeats=args.repeats, steps=args.steps, text=not args.no_text)
+        run_ablation(
+            args.out, size=args.size, repeats=args.repeats, steps=args.steps, eval_long=args.eval_long,
+            eval_short=args.eval_short, batch_size=args.batch_size, jobs=args.jobs,
+        )  # fmt: skip
         return 0
     run_eval(args.config, args.overrides)
     return 0
