@@ -155,6 +155,9 @@ def run_on_ray(cfg: TrainConfig, progress: bool = True, eval_hook: EvalHook | No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     dist = cfg.distributed
+    # Ray Train's print patch sends a worker's print both to its stdout and through logging, so every line (progress,
+    # metrics) reached the driver twice; the workers print as plain processes instead (propagated by Ray Train).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         address = dist.address or os.environ.get("RAY_ADDRESS")
         kwargs = {"address": address} if address else {"include_dashboard": False}
