@@ -96,7 +96,7 @@ def test_bf16_autocast_with_accumulation_and_a_refused_resume(caption_output, tm
     assert all(math.isfinite(h["loss"]) for h in summary["history"]) and summary["step"] == 3
     assert summary["history"][0]["global_batch"] == cfg.run.batch_size  # accumulation does not widen the negatives
     changed = tiny_config(caption_output, tmp_path, "run.steps=4", "model.embed_dim=24")
-    with pytest.raises(ConfigError, match="another model config"):
+    with pytest.raises(ConfigError, match="model.embed_dim 32 → 24"):
         run_training(changed, progress=False)
 
 
