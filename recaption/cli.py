@@ -154,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         "path), batch_size, output; or `synthetic`: "
         "train tiny models on generated scenes for the short/long/corner-token ablation and report it",
     )
-    ev.add_argument("--size", type=int, default=400, help="synthetic: train scenes (held-out: a quarter, at least 16)")
-    ev.add_argument("--repeats", type=int, default=3, help="synthetic: training seeds per arm")
-    ev.add_argument("--steps", type=int, default=150, help="synthetic: training steps per model")
+    ev.add_argument("--size", type=int, default=2000, help="synthetic: train scenes")
+    ev.add_argument("--repeats", type=int, default=5, help="synthetic: training seeds per arm (paired across arms)")
+    ev.add_argument("--steps", type=int, default=1000, help="synthetic: training steps per model")
+    ev.add_argument("--batch-size", type=int, default=32, help="synthetic: images per step")
+    ev.add_argument("--jobs", type=int, default=2, help="synthetic: models trained at once (one thread each)")
+    ev.add_argument("--eval-long", type=int, default=500, help="synthetic: held-out scenes for long-text retrieval")
+    ev.add_argument("--eval-short", type=int, default=1000, help="synthetic: held-out scenes for short zero-shot")
     ev.add_argument("--out", default="eval-synthetic", help="synthetic: directory for data, runs, JSON and PNG")
-    ev.add_argument(
-        "--no-text", action="store_true", help="synthetic: scenes without their written word (and caption sentence)"
-    )
     add_overrides(ev, "model.path=/ckpt/clip")
     ev.set_defaults(func=cmd_eval)
 
@@ -240,7 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="PATH", help="also write the measurements and machine facts as JSON")
     bench.add_argument("--cpus", type=int, help="CPUs for Ray and the bare loops (default: all)")
-    bench.add_argument("--workdir", default="bench-work", help="generated inputs and outputs (reused between runs)")
+    bench.add_argument(
+        "--workdir",
+        help="generated inputs and outputs, reused between runs (default: $RECAPTION_CACHE/bench, else "
+        "~/.cache/recaption/bench)",
+    )
+    bench.add_argument(
+        "--repeats", type=int, help="interleaved repeats behind each figure (default 3, --quick 2; the hf engine 5+)"
+    )
+    bench.add_argument("--device", help="hf engine section: cpu or cuda (default: cuda where there is one)")
+    bench.add_argument(
+        "--dtype", help="hf engine section: float32, bfloat16 … (default: bfloat16 on cuda, else float32)"
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -365,7 +377,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.config == "synthetic":
         from recaption.eval.ablation import run_ablation
 
-        run_ablation(args.out, size=args.size, repeats=args.repeats, steps=args.steps, text=not args.no_text)
+        run_ablation(
+            args.out, size=args.size, repeats=args.repeats, steps=args.steps, eval_long=args.eval_long,
+            eval_short=args.eval_short, batch_size=args.batch_size, jobs=args.jobs,
+        )  # fmt: skip
         return 0
     run_eval(args.config, args.overrides)
     return 0
@@ -424,7 +439,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from recaption.bench import run_bench
 
-    run_bench(args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus, args.pipeline)
+    run_bench(
+        args.workdir, args.sections, args.quick, args.engine, args.model, args.json, args.cpus, args.pipeline,
+        args.repeats, args.device, args.dtype,
+    )  # fmt: skip
     return 0
 
 

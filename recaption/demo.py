@@ -3,6 +3,7 @@ the scenes' truth; with `--train`, a tiny corner-token CLIP trained on those cap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -15,11 +16,11 @@ from recaption.errors import ConfigError
 SHARD_SIZE = 16
 MAX_OBJECTS = 6  # the scene captioner's world: up to six objects, each in its own cell of a 3×3 grid
 FALLBACK_MODEL = "tiny-llava"
-TRAIN_ARM = "long-k2"  # recaption.eval.ablation's arm (c): long captions + alt text, 2 corner tokens and the mask
 SCENE_PIXELS = 96
 # Scene i of the demo is seed DEMO_SEED + i: a range the scene captioner never trains on (it draws its training
-# scenes below 10 000 000) and the demo's held-out retrieval scenes (recaption.eval.ablation.EVAL_SEED) do not touch.
+# scenes below 10 000 000) and the demo's held-out retrieval scenes (DEMO_EVAL_SEED) do not touch.
 DEMO_SEED = 20_000_000
+DEMO_EVAL_SEED = 1_000_000
 
 
 def find_pipeline(name: str) -> Path:
@@ -218,21 +219,19 @@ def train_and_report(output_dir: Path, out_dir: Path, steps: int, eval_scenes: i
 
     from transformers.utils import logging as hf_logging
 
-    from recaption.eval.ablation import arm_config, eval_sets, train_and_measure
-
     logging.getLogger("recaption").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
-    long_set, short_set = eval_sets(eval_scenes, max_objects=MAX_OBJECTS, size=SCENE_PIXELS)
+    long_set, short_set = demo_eval_sets(eval_scenes, max_objects=MAX_OBJECTS, size=SCENE_PIXELS)
     run_dir = out_dir / "train"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = arm_config(TRAIN_ARM, output_dir, run_dir, steps, seed=0, batch_size=16)
+    cfg = demo_train_config(output_dir, run_dir, steps, seed=0, batch_size=16)
     print(
         f"\ntraining a tiny CLIP (2 corner tokens + mask) on {output_dir}: {steps} steps × batch 16 "
-        f"(log: {run_dir / 'train.log'}) …",
+        f"(log: {run_dir}.log) …",
         flush=True,
     )
     start = time.time()
-    results = train_and_measure(cfg, long_set, short_set, ks=(1, 5))
+    results = demo_train_and_measure(cfg, long_set, short_set, ks=(1, 5))
     results["seconds"] = round(time.time() - start, 1)
     results["eval_scenes_long"], results["eval_scenes_short"] = len(long_set.texts), len(short_set.texts)
     model = json.loads((run_dir / "summary.json").read_text())["export"]
@@ -280,3 +279,102 @@ def print_samples(output_dir: Path, truths: dict[str, dict[str, Any]], n: int = 
         for cap in row["captions"]:
             text = textwrap.shorten(cap["text"], 120, placeholder=" …")
             print(f"  {cap['model']}/{cap['prompt']} ({cap['n_tokens']} tokens, {cap['finish_reason']}): {text}")
+
+
+def demo_eval_sets(n_eval: int, max_objects: int, size: int, text: bool = True):
+    """The held-out long-text set (n_eval scenes) and the short-text set (first scene of each distinct short caption)."""
+    import functools
+
+    from recaption.eval.datasets import EvalSet
+    from recaption.eval.synthetic import make_scene
+
+    scenes = [make_scene(DEMO_EVAL_SEED + i, size=size, max_objects=max_objects, text=text) for i in range(n_eval)]
+    images = [functools.partial(_scene_image, DEMO_EVAL_SEED + i, size, max_objects, text) for i in range(n_eval)]
+    long_set = EvalSet("synthetic-long", images, [s.long_caption for s in scenes], list(range(n_eval)))
+    seen: dict[str, int] = {}
+    for i, scene in enumerate(scenes):
+        seen.setdefault(scene.short_caption, i)
+    picked = sorted(seen.values())
+    short_set = EvalSet(
+        "synthetic-short",
+        [images[i] for i in picked],
+        [scenes[i].short_caption for i in picked],
+        list(range(len(picked))),
+    )
+    return long_set, short_set
+
+
+def _scene_image(seed: int, size: int, max_objects: int, text: bool = True):
+    """A held-out scene's image, drawn again when the eval needs it rather than kept."""
+    from recaption.eval.synthetic import make_scene
+
+    return make_scene(seed, size=size, max_objects=max_objects, text=text).image
+
+
+def demo_train_config(data_path: Path, output: Path, steps: int, seed: int, batch_size: int) -> dict[str, Any]:
+    """The demo's tiny CLIP (the sizes of pipelines/train-tiny.yaml): long captions + alt text, 2 corner tokens."""
+    spec = {"loss": {"long": 1.0, "short": 1.0, "multi_positive": 0.0}, "corners": 2}
+    return {
+        "data": {"path": str(data_path), "shuffle_buffer": 64, "open_parts": 2, "decode_threads": 2},
+        "sampling": {"short": ["alt_text"], "num_sub_captions": 3, "merge": 1},
+        "model": {
+            "embed_dim": 32,
+            "image": {
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+            },
+            "text": {
+                "vocab_size": 800,
+                "context_length": 64,
+                "short_context_length": 32,
+                "num_corners": spec["corners"],
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+            },
+        },
+        "loss": {**spec["loss"], "grouping": 0.0},
+        "optim": {"lr": 5e-3, "warmup_steps": min(10, steps // 10), "weight_decay": 0.05, "grad_clip": 1.0},
+        "run": {
+            "output": str(output),
+            "steps": steps,
+            "batch_size": batch_size,
+            "precision": "fp32",
+            "device": "cpu",
+            "seed": seed,
+            "log_every": steps,
+            "checkpoint_every": steps,
+            "keep_checkpoints": 1,
+            "resume": False,
+        },
+        "distributed": {"num_workers": 1},
+    }
+
+
+def demo_train_and_measure(
+    cfg_data: dict[str, Any], long_set, short_set, ks: tuple[int, ...] = (1,)
+) -> dict[str, float]:
+    """Train one model, then {"long/cls/i2t@1": …, …} (R@k for each k in `ks`) on the held-out sets."""
+    from recaption.eval.retrieval import evaluate_retrieval
+    from recaption.eval.trainer import TrainerEncoder
+    from recaption.train.config import load_train_config
+    from recaption.train.run import run_training
+
+    log_path = Path(cfg_data["run"]["output"] + ".log")  # beside the run directory, which the trainer owns
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log, contextlib.redirect_stdout(log):  # the trainer's step lines: kept, not shown
+        summary = run_training(load_train_config(None, data=cfg_data), progress=False)
+    results = {}
+    for set_name, data in (("long", long_set), ("short", short_set)):
+        for slot in ("cls", "mean") if set_name == "long" else ("cls",):
+            encoder = TrainerEncoder.from_pretrained(summary["export"], text_slot=slot)
+            metrics = evaluate_retrieval(encoder, data, batch_size=64, ks=list(ks))
+            for direction in (f"{d}@{k}" for k in ks for d in ("i2t", "t2i")):
+                results[f"{set_name}/{slot}/{direction}"] = metrics[direction]
+    results["final_loss"] = summary["history"][-1]["loss"] if summary["history"] else float("nan")
+    return results

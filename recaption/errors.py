@@ -51,6 +51,11 @@ class ImageError(RecaptionError):
     """One image could not be used; it becomes a `failed` row with this message as its `error`."""
 
 
+class TrainingError(RecaptionError):
+    """Training cannot go on as configured (a non-finite loss or gradient, data of which no image decodes); the
+    message says what happened, what was kept and what to change."""
+
+
 def error_kind(error: str) -> str:
     """An error's kind: its first clause with names and numbers taken out; engine errors keep their model's id.
 

@@ -4,6 +4,7 @@ each with a thumbnail made from its source image and every model's and prompt's 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import random
@@ -17,11 +18,13 @@ import pyarrow.dataset as pads
 from recaption.config import ImageConfig
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
-from recaption.writer import OutputDir
+from recaption.writer import OUTPUT_SCHEMA, OutputDir
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 256
+# A card's own entries; any other column of its row is a kept source field (input.keep_columns).
+CARD_COLUMNS = frozenset(OUTPUT_SCHEMA.names) | {"src", "image"}
 FAILED_SHARE = 4  # up to a quarter of the gallery (at least one card) shows failed rows, when the output has any
 
 STYLE = (
@@ -107,19 +110,26 @@ def gallery_cards(
         images = {}
         note = redact_text(f"the source images could not be read ({e}); pass the input's path (--input) if it moved")
         log.warning("%s", note)
-    cards = []
+    cards, changed = [], 0
     for row in rows:
         data = images.get((row["unit"], row["key"]))
+        if data is not None and hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+            data, changed = None, changed + 1  # never a caption beside another image than the one it describes
         cards.append({**row, "src": thumbnail(data, image_cfg) if data is not None else None})
+    if changed:
+        note = (f"{changed} rows' source images differ from the ones captioned (sha256): shown without them; "
+                "pass the input the run read (--input)")  # fmt: skip
     return cards, note
 
 
 def card_json(card: dict) -> dict[str, Any]:
-    """What report.json keeps of a card (no image bytes)."""
+    """What report.json keeps of a card (no image bytes); kept source fields under `fields`."""
     keep = ("unit", "key", "status", "error", "alt_text", "url", "width", "height")
     caps = [{k: c[k] for k in ("model", "prompt", "text", "n_tokens", "finish_reason", "flags")}
             for c in card.get("captions") or []]  # fmt: skip
-    return {**{k: card.get(k) for k in keep}, "thumbnail": card.get("src") is not None, "captions": caps}
+    fields = {k: v for k, v in card.items() if k not in CARD_COLUMNS}
+    return {**{k: card.get(k) for k in keep}, "fields": fields, "thumbnail": card.get("src") is not None,
+            "captions": caps}  # fmt: skip
 
 
 def render_gallery(cards: list[dict], caption: str = "") -> str:
@@ -138,12 +148,20 @@ def render_gallery(cards: list[dict], caption: str = "") -> str:
                 f"<span class=status>{escape(card['status'])}</span>{size}</p>")  # fmt: skip
         error = f"<p class=error>{escape(card['error'])}</p>" if card.get("error") else ""
         alt = f"<p class=alt>alt text: {escape(card['alt_text'])}</p>" if card.get("alt_text") else ""
+        kept = {k: v for k, v in card.items() if k not in CARD_COLUMNS and v is not None}
+        if kept:  # the source fields the output keeps (input.keep_columns): similarity, LICENSE …
+            alt += "<p class=alt>" + " · ".join(f"{escape(k)}: {escape(_short(v))}" for k, v in kept.items()) + "</p>"
         parts.append(
             f"<div class='card{' failed' if failed else ''}'><div class=thumb>{thumb}</div><div class=body>"
             f"{meta}{error}{alt}{_captions_table(card.get('captions') or [])}</div></div>"
         )
     parts.append("</div>")
     return "".join(parts)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _captions_table(captions: list[dict]) -> str:

@@ -22,15 +22,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from recaption.config import InputConfig, PipelineConfig, load_config
+from recaption.config import ImageConfig, InputConfig, PipelineConfig, load_config
 from recaption.errors import RecaptionError
 from recaption.redact import redact_text
+from recaption.shards import WorkUnit
+from recaption.shards.fields import TYPES, KeptField
 from recaption.shards.fs import FileEntry, display, join, parent
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SHARDS = 64  # shards counted at most; an input with more (not counted before) is estimated from a sample
 SAMPLE_SEED = 0
+LOW_FILL = 0.5  # a calibration whose engine batch was fuller than this on average measured a fair speed
 CALIBRATION_UNITS = 4  # the calibration images are cut into this many units: per-unit timings, several in flight
 
 
@@ -119,7 +122,7 @@ class Plan:
 def plan_run(cfg: PipelineConfig, *, sample_shards: int = SAMPLE_SHARDS, calibrate: int = 0) -> Plan:
     """Plans a run of `cfg` without running it (and without writing to its output); with `calibrate` > 0, also
     captions that many images of the input in a temporary output to measure speed and extrapolate the whole run."""
-    from recaption.pipeline import check_models, check_paths, resolve_prompts
+    from recaption.pipeline import check_models, check_paths, check_prompt_fields, resolve_prompts
 
     resolve_prompts(cfg)
     check_paths(cfg)
@@ -129,6 +132,10 @@ def plan_run(cfg: PipelineConfig, *, sample_shards: int = SAMPLE_SHARDS, calibra
     except RecaptionError as e:
         problems.append(str(e))
     inp = plan_input(cfg.input, cfg.output.path, sample_shards)
+    try:  # every field a prompt names is one the rows have (their own and the kept source fields)
+        check_prompt_fields(cfg, kept_of(cfg))
+    except RecaptionError as e:
+        problems.append(str(e))
     out, out_problems = plan_output(cfg, inp)
     cluster, pools = plan_pools(cfg)
     problems += [p.problem for p in pools if p.problem]  # these stop a calibration run too; the output's do not
@@ -163,7 +170,7 @@ def plan_input(input_cfg: InputConfig, output: str | None, sample_shards: int = 
     count = _row_counter(fmt)
     sample = random.Random(SAMPLE_SEED).sample(shards, sample_shards)
     counted = {f.path: count(join(scanned.root, f.path)) for f in sample}
-    return _estimate(input_cfg, fmt, where, shards, counted, set(), _row_units_of(input_cfg.unit_size))
+    return _estimate(input_cfg, fmt, where, shards, counted, _row_units_of(input_cfg.unit_size))
 
 
 def _plan_tars(
@@ -176,17 +183,34 @@ def _plan_tars(
     missing = [t for t in tars if t.path not in counts]
     listed = {f.path for f in scanned.files}
     ids = _unique_ids([t.path for t in tars])
+
+    def count(entries: list[FileEntry]) -> dict[str, int]:
+        plain = [t for t in entries if not t.path.endswith(COMPRESSED_TARS)]
+        found = count_samples(scanned.root, plain, listed, ids)
+        for t in entries:  # no random access into a compressed tar: its records are read as a run reads them
+            if t.path.endswith(COMPRESSED_TARS):
+                found[t.path] = _records(WorkUnit(ids[t.path], t.path, join(scanned.root, t.path), "webdataset"),
+                                         input_cfg)  # fmt: skip
+        return found
+
     if len(missing) <= sample_shards:
-        counts.update(count_samples(scanned.root, missing, listed, ids))
+        counts.update(count(missing))
         return _exact(input_cfg, output, "webdataset", where, len(tars), counts)
     sample = random.Random(SAMPLE_SEED).sample(missing, sample_shards)
-    sampled = count_samples(scanned.root, sample, listed, ids)
+    sampled = count(sample)
     unit_size = input_cfg.unit_size
 
     def units_of(entry: FileEntry, rows: float) -> int:
         return 1 if entry.path.endswith(COMPRESSED_TARS) else max(1, math.ceil(rows / unit_size))
 
-    return _estimate(input_cfg, "webdataset", where, tars, {**counts, **sampled}, set(counts), units_of)
+    return _estimate(input_cfg, "webdataset", where, tars, {**counts, **sampled}, units_of)
+
+
+def _records(unit, input_cfg: InputConfig) -> int:
+    """The rows a run gets from a unit: its records, read."""
+    from recaption.shards.read import read_unit
+
+    return sum(1 for _ in read_unit(unit, input_cfg))
 
 
 def _row_units_of(unit_size: int):
@@ -213,7 +237,6 @@ def _estimate(
     where: str,
     shards: list[FileEntry],
     counted: dict[str, int],
-    cached: set[str],
     units_of,
 ) -> InputPlan:
     """Rows of the shards not counted, from the counted ones: rows per byte where sizes are known, else the mean."""
@@ -383,14 +406,16 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
     scratch = scratch_dir(cfg, plan.cluster)
     fs, scratch_path = resolve(scratch)
     try:
-        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"))
+        kept = [KeptField(**f) for f in kept_of(cfg)]
+        images = _first_images(cfg.input, n, join(scratch, "in/images.parquet"), cfg.images, kept)
         if not images:
-            raise RecaptionError(f"not calibrating: the input {display(cfg.input.path)} has no readable image")
+            raise RecaptionError(f"not calibrating: no image of the input {display(cfg.input.path)} decodes")
         per_unit = max(1, math.ceil(images / CALIBRATION_UNITS))
         data = cfg.model_dump(mode="json")
-        data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": "image",
-                         "key_column": "key", "caption_column": "alt_text", "url_column": "url",
-                         "unit_size": per_unit}  # fmt: skip
+        # The kept source fields come along under their source names, so prompts that name them fill as in the run.
+        data["input"] = {"path": join(scratch, "in"), "format": "parquet", "image_column": CAL["image"],
+                         "key_column": CAL["key"], "caption_column": CAL["alt_text"], "url_column": CAL["url"],
+                         "unit_size": per_unit, "keep_columns": [f"{f.source}:{_cal_type(f)}" for f in kept]}  # fmt: skip
         data["output"] = {**data["output"], "path": join(scratch, "out")}
         for model in data["models"]:
             model["concurrency"] = 1
@@ -401,7 +426,9 @@ def calibrate_run(cfg: PipelineConfig, plan: Plan, n: int) -> Calibration:
             import json
 
             for model, snap in json.loads(row.get("metrics") or "{}").items():
-                metrics[model] = snap  # one actor per model: its latest figures are the run's
+                # One actor per model, its figures cumulative; units commit out of order, so keep the fullest.
+                if snap.get("requests", 0) >= metrics.get(model, {}).get("requests", 0):
+                    metrics[model] = snap
 
         started = time.time()
         summary = run_pipeline(cal_cfg, progress=False, on_unit=on_unit)
@@ -428,21 +455,39 @@ def scratch_dir(cfg: PipelineConfig, cluster: dict[str, Any]) -> str:
     return join(parent(cfg.output.path), f".recaption-calibrate-{uuid.uuid4().hex[:12]}")
 
 
-def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
-    """Writes the first `n` readable images of the input (in unit order, with their keys, URLs and alt texts) as
-    one Parquet file; returns how many it found."""
-    import pyarrow as pa
+# The calibration input's own columns: names no source field takes, so every kept field keeps its name.
+CAL = {name: f"__recaption_{name}" for name in ("key", "image", "url", "alt_text")}
+
+
+def _cal_type(field: KeptField) -> str:
+    return "string" if field.type == "json" else field.type  # a json field is carried as its JSON text
+
+
+def kept_of(cfg: PipelineConfig) -> list[dict]:
+    """The source fields a run of `cfg` would keep as columns, as the run finds them (its first unit's first row)."""
+    from recaption.pipeline import kept_columns
+
+    first = next(iter(_whole_shards(cfg.input)), None)
+    return kept_columns(cfg, [first] if first is not None else [])
+
+
+def _first_images(input_cfg: InputConfig, n: int, dest: str, image_cfg: ImageConfig, kept: list[KeptField] = ()) -> int:
+    """Writes the first `n` images of the input that decode within the run's image limits (in shard order, with their
+    keys, URLs, alt texts and `kept` source fields) as one Parquet file; returns how many it found. Broken ones are
+    left out: a calibration measures captioning, and the plan's counts already include every row."""
     import pyarrow.parquet as pq
 
+    from recaption.images import decode_image
     from recaption.shards.fs import resolve
     from recaption.shards.read import read_unit
 
     rows: list[dict] = []
     for unit in _whole_shards(input_cfg):
         for rec in read_unit(unit, input_cfg):
-            if rec.error is None and rec.image:
-                rows.append({"key": f"{unit.unit}/{rec.key}", "image": rec.image, "url": rec.url,
-                             "alt_text": rec.alt_text})  # fmt: skip
+            if rec.error is None and rec.image and _decodes(decode_image, rec.image, image_cfg):
+                row = {CAL["key"]: f"{unit.unit}/{rec.key}", CAL["image"]: rec.image, CAL["url"]: rec.url,
+                       CAL["alt_text"]: rec.alt_text}  # fmt: skip
+                rows.append(row | {f.source: f.value(rec.meta) for f in kept})
             if len(rows) >= n:
                 break
         if len(rows) >= n:
@@ -450,11 +495,19 @@ def _first_images(input_cfg: InputConfig, n: int, dest: str) -> int:
     if rows:
         fs, path = resolve(dest)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("url", pa.string()),
-                            ("alt_text", pa.string())])  # fmt: skip
+        schema = pa.schema([(CAL["key"], pa.string()), (CAL["image"], pa.binary()), (CAL["url"], pa.string()),
+                            (CAL["alt_text"], pa.string())] + [(f.source, TYPES[_cal_type(f)]) for f in kept])  # fmt: skip
         with fs.open_output_stream(path) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
     return len(rows)
+
+
+def _decodes(decode_image, data: bytes, image_cfg: ImageConfig) -> bool:
+    try:
+        decode_image(data, image_cfg)
+    except RecaptionError:
+        return False
+    return True
 
 
 def _whole_shards(input_cfg: InputConfig):
@@ -496,10 +549,15 @@ def _model_figures(cfg: PipelineConfig, out_path: str, metrics: dict[str, dict])
                 tokens.setdefault(c["prompt"], []).append(c["n_tokens"] or 0)
         snap = metrics.get(model.id) or {}
         engine_s = float(snap.get("engine_s") or 0.0)
+        # Images and engine time from one snapshot of the actor (one request per image and prompt; regenerated
+        # captions are extra requests, so never more than the images captioned).
+        engine_images = min(float(snap.get("requests") or 0) / len(model.prompts), len(images))
         figures[model.id] = {
             "images": len(images),
             "engine_s": round(engine_s, 3),
-            "images_per_s_per_actor": round(len(images) / engine_s, 3) if engine_s > 0 and images else None,
+            # how full the engine's batch was on average (a run keeps it full): a low fill understates the speed
+            "batch_fill": round(float(snap.get("busy_s") or 0.0) / engine_s, 3) if engine_s > 0 else None,
+            "images_per_s_per_actor": round(engine_images / engine_s, 3) if engine_s > 0 and images else None,
             "tokens_per_caption": {p: round(sum(v) / len(v), 1) for p, v in tokens.items()},
             "failed_captions": failed,
             "gpus_per_actor": model.gpus_per_actor,
@@ -508,9 +566,9 @@ def _model_figures(cfg: PipelineConfig, out_path: str, metrics: dict[str, dict])
 
 
 def _extrapolate(plan: Plan, cfg: PipelineConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rows still to do at the measured per-actor speed with the planned pools (their size now; an elastic pool
-    at its minimum): the pools run at once, so the slowest pool sets the pace; GPU-hours are what the pools hold for
-    that time."""
+    """The rows still to do (and the whole input's: `input_*`) at the measured per-actor speed with the planned
+    pools (their size now; an elastic pool at its minimum): the pools run at once, so the slowest pool sets the pace;
+    GPU-hours are what the pools hold for that time."""
     rows = plan.output.todo_rows
     pace: dict[str, float] = {}
     for pool in plan.pools:
@@ -523,8 +581,12 @@ def _extrapolate(plan: Plan, cfg: PipelineConfig, models: dict[str, dict[str, An
     bottleneck = min(pace, key=pace.get)
     images_per_s = pace[bottleneck]
     wall_s = rows / images_per_s if images_per_s else 0.0
+    input_wall_s = plan.input.rows / images_per_s if images_per_s else 0.0
     gpus = sum((p.actors_min or 0) * p.gpus_per_actor for p in plan.pools)
     return {
+        "input_rows": plan.input.rows,
+        "input_wall_s": round(input_wall_s, 3),
+        "input_gpu_hours": round(gpus * input_wall_s / 3600, 4),
         "rows": rows,
         "exact_rows": plan.input.exact,
         "images_per_s": round(images_per_s, 3),
@@ -580,11 +642,19 @@ def format_plan(plan: Plan) -> str:
             speed = "-" if f["images_per_s_per_actor"] is None else f"{f['images_per_s_per_actor']:g}"
             toks = ", ".join(f"{p} {t:g}" for p, t in f["tokens_per_caption"].items()) or "-"
             lines.append(f"          {model}: {speed} images/s per actor; tokens per caption: {toks}")
+            if f["batch_fill"] is not None and f["batch_fill"] < LOW_FILL:
+                lines.append(f"          {model}: its engine's batch was {f['batch_fill']:.0%} full on average: the "
+                             "speed is understated; calibrate on more images (a run keeps the batch full)")  # fmt: skip
         e = cal.estimate
         if "wall_s" in e:
-            about = "" if e["exact_rows"] else " (rows estimated)"
-            lines.append(f"estimate: {e['rows']} rows at {e['images_per_s']:g} images/s (paced by {e['bottleneck']}): "
-                         f"{_duration(e['wall_s'])} wall, {e['gpu_hours']:g} GPU-hours on {e['gpus']:g} GPUs{about}")  # fmt: skip
+            about = "" if e["exact_rows"] else ", rows estimated"
+            lines.append(f"estimate: {e['images_per_s']:g} images/s (paced by {e['bottleneck']}) on {e['gpus']:g} "
+                         f"GPUs{about}")  # fmt: skip
+            lines.append(f"          whole input, {e['input_rows']} rows: {_duration(e['input_wall_s'])} wall, "
+                         f"{e['input_gpu_hours']:g} GPU-hours")  # fmt: skip
+            if e["rows"] != e["input_rows"]:
+                lines.append(f"          left to do, {e['rows']} rows: {_duration(e['wall_s'])} wall, "
+                             f"{e['gpu_hours']:g} GPU-hours")  # fmt: skip
         else:
             lines.append(f"estimate: {e['note']}")
     for problem in plan.problems:

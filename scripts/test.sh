@@ -9,6 +9,11 @@ if [ "${RECAPTION_SKIP_VLLM:-0}" != "1" ]; then
   bash scripts/test-vllm.sh
 fi
 bash scripts/setup.sh dev
+# The report's and the gallery's browser tests need Chromium; on CI (root, Debian) install it, elsewhere they skip.
+if [ "${CI:-}" = "true" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "test: chromium could not be installed; the browser tests will skip" >&2
+fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
 ruff check recaption tests

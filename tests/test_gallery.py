@@ -28,17 +28,19 @@ LOOP_WIDTH = 97  # the fake engine writes a repetition loop (flagged) for images
 ACCENT, FLAG = (0xB0, 0x00, 0x6A), (0x6A, 0x3D, 0xCC)  # the gallery's failed-card and flag-badge colours
 
 
-def solid(width: int, height: int = 90) -> bytes:
+def solid(width: int, height: int = 90, colour: tuple[int, int, int] = MAGENTA) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (width, height), MAGENTA).save(buf, format="PNG")
+    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
     return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, ray_session):
-    """A real run of two fake models with two prompts over 9 good images (one gets a flagged caption) and 3 bad."""
+    """A real run of two fake models with two prompts over 9 good images (one gets a flagged caption; each has a
+    similarity, which img2dataset-style inputs keep) and 3 bad."""
     root = tmp_path_factory.mktemp("gallery")
-    samples = [{"key": f"img{i}", "png": solid(LOOP_WIDTH if i == 4 else 100 + 10 * i)} for i in range(9)]
+    samples = [{"key": f"img{i}", "png": solid(LOOP_WIDTH if i == 4 else 100 + 10 * i), "json": {"similarity": i / 8}}
+               for i in range(9)]  # fmt: skip
     samples += [{"key": key, ext: data} for key, ext, data, err in image_corpus() if err][:3]
     write_webdataset(str(root / "in"), samples, shard_size=5)
     fake = {"path": "fake", "engine": "fake", "prompts": ["short", "detailed"], "num_cpus": 0.25,
@@ -79,6 +81,10 @@ def test_the_report_opens_with_a_seeded_gallery_of_thumbnails_and_side_by_side_c
         assert max(im.size) <= 256 and np.abs(np.asarray(im.convert("RGB"), int) - MAGENTA).mean() < 12
     assert page.count("class='card failed'") == 2 and "no thumbnail: " in page
     assert "<th>alpha</th><th>beta</th>" in page
+    # Kept source fields come with their card.
+    assert all(r["fields"]["similarity"] == int(r["key"][3:]) / 8 for r in other if r["status"] == "ok")
+    assert all(f"similarity: {r['fields']['similarity']}<" in page or f"similarity: {r['fields']['similarity']} " in page
+               for r in other if r["status"] == "ok")  # fmt: skip
 
 
 def test_flags_errors_and_a_moved_input(output, tmp_path):
@@ -98,6 +104,12 @@ def test_flags_errors_and_a_moved_input(output, tmp_path):
         assert not any(r["thumbnail"] for r in report["gallery"]["rows"])
         report = build_report(str(tmp_path / "out"), gallery=4, input_path=str(moved))
         assert report["gallery"]["note"] is None and any(r["thumbnail"] for r in report["gallery"]["rows"])
+        # Another input with the same keys: no thumbnail of an image that is not the one captioned.
+        other = [{"key": f"img{i}", "png": solid(100 + 10 * i, colour=(0, 200, 0))} for i in range(9)]
+        write_webdataset(str(tmp_path / "other"), other, shard_size=5)
+        report = build_report(str(tmp_path / "out"), gallery=4, input_path=str(tmp_path / "other"))
+        assert "differ from the ones captioned" in report["gallery"]["note"]
+        assert not any(r["thumbnail"] for r in report["gallery"]["rows"])
     finally:
         shutil.move(moved, output / "in")
     assert main(["report", str(tmp_path / "out"), "--gallery", "0"]) == 0

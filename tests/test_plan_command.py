@@ -107,7 +107,7 @@ def test_calibration_runs_in_a_temporary_output_and_extrapolates(tmp_path, ray_s
     assert cal.images == 5 and cal.failed == 0
     fake = cal.models["fake"]
     # The fake engine sleeps delay_s per request: 2 prompts per image, so at most 10 images per second of engine time.
-    assert fake["images"] == 5 and 0 < fake["images_per_s_per_actor"] <= 10.5
+    assert fake["images"] == 5 and 0 < fake["images_per_s_per_actor"] <= 10.5 and 0 < fake["batch_fill"] <= 1
     assert set(fake["tokens_per_caption"]) == {"short", "detailed"} and all(
         t > 3 for t in fake["tokens_per_caption"].values()
     )
@@ -121,18 +121,19 @@ def test_calibration_runs_in_a_temporary_output_and_extrapolates(tmp_path, ray_s
     assert main(["plan", str(write_config(tmp_path / "p.yaml", data)), "--calibrate", "3"]) == 0
     printed = capsys.readouterr().out
     assert "calibration: 3 images in" in printed and "images/s per actor; tokens per caption: short" in printed
-    assert "estimate: 12 rows at" in printed and "GPU-hours on 0 GPUs" in printed
+    assert "(paced by fake) on 0 GPUs" in printed and "whole input, 12 rows:" in printed
+    assert "left to do" not in printed  # nothing done yet: the whole input is what is left
 
 
 def test_gpu_hours_are_what_the_pools_hold_while_the_slowest_paces_the_run():
     pools = [PoolPlan("a", "vllm", "a", ["detailed"], 4, 4, 1.0, 1.0, None),
              PoolPlan("b", "vllm", "b", ["short"], 2, 2, 2.0, 1.0, None)]  # fmt: skip
-    plan = Plan("h", None, type("O", (), {"todo_rows": 36_000})(), {}, pools)
-    plan.input = type("I", (), {"exact": False})()
+    plan = Plan("h", type("I", (), {"exact": False, "rows": 72_000})(), type("O", (), {"todo_rows": 36_000})(), {},
+                pools)  # fmt: skip
     e = _extrapolate(plan, None, {"a": {"images_per_s_per_actor": 5.0}, "b": {"images_per_s_per_actor": 4.0}})
     # a: 4 actors × 5 = 20 images/s; b: 2 × 4 = 8 images/s → b paces the run: 36000 / 8 = 4500 s on 4 + 4 GPUs
     assert (e["bottleneck"], e["images_per_s"], e["wall_s"], e["gpus"], e["gpu_hours"]) == ("b", 8.0, 4500.0, 8.0, 10.0)
-    assert e["exact_rows"] is False
+    assert e["exact_rows"] is False and (e["input_rows"], e["input_wall_s"], e["input_gpu_hours"]) == (72_000, 9000, 20)
     none = _extrapolate(plan, None, {"a": {"images_per_s_per_actor": 5.0}})
     assert "no speed measured for b" in none["note"]
 
@@ -175,3 +176,94 @@ def test_a_calibration_on_a_cluster_writes_beside_the_output_never_into_it(tmp_p
     local = scratch_dir(cfg, {"nodes": 1})  # one node: a local temporary directory
     assert os.path.isdir(local) and os.path.basename(local).startswith("recaption-calibrate-")
     os.rmdir(local)
+
+
+def test_calibration_uses_images_that_decode_and_says_when_none_does(tmp_path, ray_session, capsys):
+    from recaption.shards.tar import write_webdataset
+    from tests.data import make_image
+
+    broken = [{"key": "a", "jpg": b""}, {"key": "b", "jpg": b"not an image"}]
+    write_webdataset(str(tmp_path / "in"), [*broken, {"key": "c", "jpg": make_image(1)}], shard_size=5)
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [FAKE]}
+    cal = recaption.plan(data, calibrate=3).calibration
+    assert (cal.images, cal.failed, cal.models["fake"]["images"]) == (1, 0, 1)
+    write_webdataset(str(tmp_path / "bad"), broken, shard_size=5)
+    config = write_config(tmp_path / "p.yaml", {**data, "input": {"path": str(tmp_path / "bad")}})
+    assert main(["plan", str(config), "--calibrate", "2"]) == 1
+    assert f"not calibrating: no image of the input {tmp_path / 'bad'} decodes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_calibration_carries_the_kept_source_fields_its_prompts_name(tmp_path, ray_session, capsys):
+    from recaption.shards.tar import write_webdataset
+    from tests.data import make_image
+
+    samples = [{"key": f"k{i}", "jpg": make_image(i), "caption": f"alt {i}", "json": {"similarity": 0.25 + i}}
+               for i in range(3)]  # fmt: skip
+    write_webdataset(str(tmp_path / "in"), samples, shard_size=5)
+    model = {**FAKE, "prompts": ["sim"]}
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [model],
+            "prompts": {"sim": "Alt text: {alt_text}; CLIP similarity {similarity}. Describe the image."}}  # fmt: skip
+    plan = recaption.plan(data, calibrate=2)  # keep_columns auto keeps img2dataset's similarity
+    assert plan.problems == [] and plan.calibration.images == 2 and plan.calibration.failed == 0
+    assert plan.calibration.models["fake"]["failed_captions"] == 0
+    assert set(plan.calibration.models["fake"]["tokens_per_caption"]) == {"sim"}
+    # A prompt naming a field the rows lack is a problem the plan reports (a run would stop on it).
+    config = write_config(tmp_path / "p.yaml", {**data, "prompts": {"sim": "Seen on {nope}. Describe it."}})
+    assert main(["plan", str(config)]) == 2
+    assert "nope" in capsys.readouterr().out
+
+
+def test_the_plan_names_a_run_that_holds_the_output(tmp_path):
+    from recaption.lease import Lease
+    from recaption.planning import InputPlan, plan_output
+    from recaption.writer import open_output
+
+    cfg = load_config(None, data={"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+                                  "models": [FAKE]})  # fmt: skip
+    out = open_output(cfg.output.path)
+    out.claim()
+    inp = InputPlan(str(tmp_path / "in"), "webdataset", 1, 1, 2, True, 1, {"u": 2})
+    with Lease(out, 60).acquire() as lease:
+        plan, problems = plan_output(cfg, inp)
+        assert plan.holder and lease.run_id in plan.holder and problems == []
+        assert (plan.todo_units, plan.todo_rows) == (1, 2)
+    assert plan_output(cfg, inp)[0].holder is None  # released
+
+
+def test_a_compressed_tar_is_counted_by_reading_it(tmp_path):
+    import io
+    import tarfile
+
+    from tests.data import make_image
+
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "a.tar.gz", "w:gz") as tf:  # no random access, no _stats.json
+        for name, data in [("k0.jpg", make_image(0)), ("k1.jpg", make_image(1)), ("k1.txt", b"alt"), ("k2.jpg", b"")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    planned = plan_input(InputConfig(path=str(tmp_path / "in"), unit_size=2), None)
+    assert (planned.units, planned.rows, planned.exact) == (1, 3, True)  # one unit whatever its size, 3 samples
+
+
+def test_a_calibration_with_an_underfilled_batch_says_its_speed_is_understated():
+    from recaption.planning import Calibration, InputPlan, OutputPlan, format_plan
+
+    pool = PoolPlan("m", "vllm", "m", ["detailed"], 2, 2, 1.0, 1.0, None, {"10.0.0.1 (abcd)": 2})
+    figures = {"images": 64, "engine_s": 8.0, "batch_fill": 0.25, "images_per_s_per_actor": 8.0,
+               "tokens_per_caption": {"detailed": 120.0}, "failed_captions": 0, "gpus_per_actor": 1.0}  # fmt: skip
+    cluster = {"address": "ray://head:10001", "nodes": 2, "cpus": 64, "gpus": 2, "accelerators": {"H100": 2},
+               "autoscaling": False}  # fmt: skip
+    plan = Plan("h", InputPlan("s3://b/in", "webdataset", 10, 10, 3200, False, 4), OutputPlan("/o", "new"), cluster,
+                [pool])  # fmt: skip
+    plan.output.todo_rows = 3200
+    plan.calibration = Calibration(64, 30.0, 0, {"m": figures}, _extrapolate(plan, None, {"m": figures}))
+    text = format_plan(plan)
+    assert "ESTIMATED from 4 of 10 shards" in text and "to do:    about 0 units, about 3200 rows" in text
+    assert "2 on 10.0.0.1 (abcd)" in text and "2 GPUs (H100 2)" in text
+    assert "m: its engine's batch was 25% full on average: the speed is understated" in text
+    assert "estimate: 16 images/s (paced by m) on 2 GPUs, rows estimated" in text
+    assert "whole input, 3200 rows: 3 min wall, 0.1111 GPU-hours" in text  # 3200 / (2 × 8/s) = 200 s, 2 GPUs
+    figures["batch_fill"] = 0.9
+    assert "understated" not in format_plan(plan)

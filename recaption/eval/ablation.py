@@ -1,66 +1,75 @@
-"""`recaption eval synthetic`: the LoTLIP-style ablation on generated scenes, small enough for a CPU.
+"""`recaption eval synthetic`: LoTLIP's corner-token ablation (its Table 3) on generated scenes, small enough for a
+CPU and stated with its uncertainty.
 
-1. A train split of `size` scenes (`recaption.eval.synthetic`, seeds 0…size−1) is written as webdataset shards and
-   turned into a captions Parquet output. No captioning model is run: a random tiny model (`recaption demo`) or the
-   fake engine would give captions unrelated to the pixels, so the scenes' ground-truth long captions stand in for
-   the captioner's answer. They go through the pipeline's own data path all the same: units planned and read with
-   `recaption.shards` (`plan_units`/`read_unit`), images decoded and hashed as the read stage does, captions split
-   into a caption struct by the caption stage's own `CaptionStage.caption_struct` (echo stripping, quality flags,
-   sub-captions), as if the fake engine had generated them, rows committed with `OutputDir.commit_unit` under the
-   pipeline's run metadata; the alt text is the scene's short caption. Scenes carry a written word by default
-   (`text=False`: the scene world without it). The trainer reads this output as it
-   reads any `recaption run` output.
-2. Tiny models are trained on it (in this process, CPU) for four arms, each with `repeats` training seeds:
-   - `short`: the short caption (alt text) only; no corner tokens.
-   - `long-k0`: long captions (long loss on CLS) + the short caption; 0 corner tokens.
-   - `long-k2`: as `long-k0` with 2 corner tokens and LoTLIP's attention mask (long loss on all 3 slots).
-   - `long-k2-subs`: as `long-k2` + DreamLIP's multi-positive loss on 3 sampled sub-captions.
-   Everything else (sizes, optimiser, steps, batch, data) is the same for all arms.
-3. Each model is measured on a held-out split (seeds 1 000 000 + i): long-text retrieval (every scene, its long
-   caption; text from the CLS slot, and from the mean of all slots) and short-text retrieval. Many scenes share a
-   short caption (`a red circle`), and identical texts tie, which pessimistic tie-breaking would count as misses
-   whatever the model; the short-text set therefore keeps the first held-out scene of each distinct short caption
-   (at most ~24 scenes, so short-text numbers are coarse).
+The question: do corner tokens keep long-text retrieval while recovering short-text accuracy?
 
-Results: a table (mean ± std over repeats of R@1, percent) on stdout, `ablation.json`, `ablation.png`.
+1. Data. `size` train scenes (`recaption.eval.synthetic`, seeds 0…size−1) at 48 pixels, so that with patch 16 one
+   image patch covers one cell of the scenes' 3×3 grid; no written word (at 48 pixels it would be unreadable while
+   its sentence sat in every long caption). They are written as webdataset shards and turned into a captions
+   Parquet output by the pipeline's own data path (`commit_captions`): the scenes' ground-truth long captions stand
+   in for a captioner's, the alt text is the scene's short caption (`a red circle`, its largest object).
+2. Arms, identical but for the text side (sizes, optimiser, steps, batch, data order and, per seed, every initial
+   weight they share: the corner embeddings are drawn on a forked generator):
+   - `none`: 0 corner tokens; short text and long text, one slot each, weighted 1:1 (LoTLIP per-slot weighting).
+   - `corners`: 2 corner tokens and LoTLIP's mask; short CLS and the long text's 3 slots, each 1/4 (LoTLIP).
+   - `control`: 0 corners with short : long = 1 : 3 (weights 0.5 and 1.5, so each term is what it is in `corners`:
+     short 1/4, long 3/4), which separates the effect of the corners from that of putting more weight on long text.
+   Each arm is trained with `repeats` seeds (0…repeats−1); seed s of every arm shares data order and initial
+   weights, so arms are compared seed by seed (paired differences).
+3. Metrics on held-out scenes (seeds 1 000 000 + i, never trained on), texts embedded by their CLS slot (LoTLIP's
+   eval, `open_clip/model.py` `encode_text`):
+   - long-text retrieval on `eval_long` scenes (≥ 500 by default): i2t and t2i R@1 and R@5 of the long captions;
+   - short-text zero-shot classification on `eval_short` scenes (≥ 1000): the image's short caption among the 24
+     colour × shape classes, with templates never seen in training (`UNSEEN_TEMPLATES`; training saw only
+     `a {}`), top-1; also top-1 with the training template, for reference.
+4. Per arm, mean ± standard error over seeds; the paired differences `corners − none` and `corners − control` per
+   seed, their mean ± standard error and sign counts; `ablation.json`, `ablation.png` and a table on stdout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from recaption.errors import ConfigError
+
 ARMS: dict[str, dict[str, Any]] = {
-    "short": {"loss": {"long": 0.0, "short": 1.0, "multi_positive": 0.0}, "corners": 0},
-    "long-k0": {"loss": {"long": 1.0, "short": 1.0, "multi_positive": 0.0}, "corners": 0},
-    "long-k2": {"loss": {"long": 1.0, "short": 1.0, "multi_positive": 0.0}, "corners": 2},
-    "long-k2-subs": {"loss": {"long": 1.0, "short": 1.0, "multi_positive": 1.0}, "corners": 2},
+    "none": {"corners": 0, "loss": {"long": 1.0, "short": 1.0}},
+    "corners": {"corners": 2, "loss": {"long": 1.0, "short": 1.0}},
+    "control": {"corners": 0, "loss": {"long": 1.5, "short": 0.5}},
 }
 ARM_LABELS = {
-    "short": "(a) short captions only",
-    "long-k0": "(b) long, 0 corner tokens",
-    "long-k2": "(c) long, 2 corners + mask",
-    "long-k2-subs": "(d) (c) + sub-captions",
+    "none": "0 corners (short:long 1:1)",
+    "corners": "2 corners + mask (short:CLS:C1:C2 1:1:1:1)",
+    "control": "0 corners, short:long 1:3",
 }
-# Metric columns: (set, text slot, direction).
-COLUMNS = [
-    ("long", "cls", "i2t@1"),
-    ("long", "cls", "t2i@1"),
-    ("long", "mean", "i2t@1"),
-    ("long", "mean", "t2i@1"),
-    ("short", "cls", "i2t@1"),
-    ("short", "cls", "t2i@1"),
-]
-SCENE_SIZE = 64
+# The paired differences reported: (arm, baseline).
+CONTRASTS = [("corners", "none"), ("corners", "control")]
+# Metric → column title; long-text recall and short-text zero-shot, in percent.
+METRICS = {
+    "long/i2t@1": "long i2t R@1",
+    "long/i2t@5": "long i2t R@5",
+    "long/t2i@1": "long t2i R@1",
+    "long/t2i@5": "long t2i R@5",
+    "short/top1": "short zero-shot top-1",
+    "short/seen_top1": "short top-1 (train template)",
+}
+SEEN_TEMPLATE = "a {}"
+UNSEEN_TEMPLATES = ("a picture of a {}.", "there is a {} in it.", "an image with a {}.", "the largest thing is a {}.")
+SCENE_SIZE = 48
+PATCH_SIZE = 16
 EVAL_SEED = 1_000_000
 GROUND_TRUTH = "ground-truth"
+MARKER = ".recaption-ablation"  # names a directory this command made (and may clear when run again)
 
 
-def write_train_split(root: Path, size: int, shard_size: int = 64, text: bool = True) -> Path:
+def write_train_split(root: Path, size: int, shard_size: int = 256) -> Path:
     """Scenes 0…size−1 as webdataset shards in `root/input`, their captions output in `root/output` (see module)."""
     from recaption.eval.synthetic import make_scene
     from recaption.shards.tar import write_webdataset
@@ -69,7 +78,7 @@ def write_train_split(root: Path, size: int, shard_size: int = 64, text: bool = 
     long_captions = {}
     samples = []
     for i in range(size):
-        scene = make_scene(i, size=SCENE_SIZE, text=text)
+        scene = make_scene(i, size=SCENE_SIZE)
         key = f"{i:09d}"
         long_captions[key] = scene.long_caption
         samples.append({"key": key, "jpg": scene.jpeg(), "caption": scene.short_caption, "url": f"synthetic://{key}"})
@@ -105,6 +114,7 @@ def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, 
         cfg.models[0].model_dump(), prompt_texts, cfg.postprocess.model_dump(), cfg.output.path, cfg.images.model_dump()
     )
     out = open_output(cfg.output.path)
+    out.claim()
     out.prepare()
     out.write_json(out.path(RUN_INFO), {**run_meta, "started_at": time.time()})
     for unit in plan_units(cfg.input):
@@ -123,65 +133,47 @@ def commit_captions(input_dir: Path, output_dir: Path, long_captions: dict[str, 
         out.commit_unit(unit.unit, table, run_meta, unit_stats(table, time.time() - start, cfg.hash()), "zstd")
 
 
-def eval_sets(n_eval: int, max_objects: int = 4, size: int = SCENE_SIZE, text: bool = True):
-    """The held-out long-text set (n_eval scenes) and the short-text set (first scene of each distinct short caption)."""
-    import functools
+def class_names() -> list[str]:
+    """Every short caption a scene can have, without its article: `red circle`, … (colour × shape)."""
+    from recaption.eval.synthetic import COLOURS, SHAPES
 
-    from recaption.eval.datasets import EvalSet
+    return [f"{c} {s}" for c in sorted(COLOURS) for s in SHAPES]
+
+
+def eval_sets(n_long: int, n_short: int):
+    """Held-out scenes: the long-text retrieval set (the first `n_long`) and the zero-shot set (`n_short`)."""
+    from recaption.eval.datasets import ClassificationSet, EvalSet
     from recaption.eval.synthetic import make_scene
 
-    scenes = [make_scene(EVAL_SEED + i, size=size, max_objects=max_objects, text=text) for i in range(n_eval)]
-    images = [functools.partial(_scene_image, EVAL_SEED + i, size, max_objects, text) for i in range(n_eval)]
-    long_set = EvalSet("synthetic-long", images, [s.long_caption for s in scenes], list(range(n_eval)))
-    seen: dict[str, int] = {}
-    for i, scene in enumerate(scenes):
-        seen.setdefault(scene.short_caption, i)
-    picked = sorted(seen.values())
-    short_set = EvalSet(
-        "synthetic-short",
-        [images[i] for i in picked],
-        [scenes[i].short_caption for i in picked],
-        list(range(len(picked))),
-    )
+    scenes = [make_scene(EVAL_SEED + i, size=SCENE_SIZE) for i in range(max(n_long, n_short))]
+    long_set = EvalSet("synthetic-long", [s.image for s in scenes[:n_long]], [s.long_caption for s in scenes[:n_long]],
+                       list(range(n_long)))  # fmt: skip
+    names = class_names()
+    labels = [names.index(s.short_caption.removeprefix("a ")) for s in scenes[:n_short]]
+    short_set = ClassificationSet("synthetic-short", [s.image for s in scenes[:n_short]], labels, names)
     return long_set, short_set
 
 
-def _scene_image(seed: int, size: int, max_objects: int, text: bool = True):
-    """A held-out scene's image, drawn again when the eval needs it rather than kept."""
-    from recaption.eval.synthetic import make_scene
-
-    return make_scene(seed, size=size, max_objects=max_objects, text=text).image
-
-
 def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, batch_size: int) -> dict[str, Any]:
-    """The train config of one arm (the sizes of pipelines/train-tiny.yaml)."""
+    """The train config of one arm: a tiny ViT on 48-pixel images with 16-pixel patches and a tiny BERT."""
     spec = ARMS[arm]
+    tower = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
     return {
-        "data": {"path": str(data_path), "shuffle_buffer": 64, "open_parts": 2, "decode_threads": 2},
-        "sampling": {"short": ["alt_text"], "num_sub_captions": 3, "merge": 1},
+        "data": {"path": str(data_path), "shuffle_buffer": 256, "open_parts": 4, "decode_threads": 1},
+        "sampling": {"short": ["alt_text"], "num_sub_captions": 1},
         "model": {
-            "embed_dim": 32,
-            "image": {
-                "image_size": 32,
-                "patch_size": 8,
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_heads": 2,
-                "intermediate_size": 64,
-            },
+            "embed_dim": 64,
+            "image": {"image_size": SCENE_SIZE, "patch_size": PATCH_SIZE, **tower},
             "text": {
-                "vocab_size": 800,
-                "context_length": 64,
-                "short_context_length": 32,
+                "vocab_size": 400,
+                "context_length": 80,
+                "short_context_length": 16,
                 "num_corners": spec["corners"],
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_heads": 2,
-                "intermediate_size": 64,
+                **tower,
             },
-        },
-        "loss": {**spec["loss"], "grouping": 0.0},
-        "optim": {"lr": 5e-3, "warmup_steps": min(10, steps // 10), "weight_decay": 0.05, "grad_clip": 1.0},
+        },  # fmt: skip
+        "loss": {**spec["loss"], "multi_positive": 0.0, "grouping": 0.0, "slot_weighting": "per_slot"},
+        "optim": {"lr": 2e-3, "warmup_steps": max(1, steps // 20), "weight_decay": 0.05, "grad_clip": 1.0},
         "run": {
             "output": str(output),
             "steps": steps,
@@ -198,75 +190,121 @@ def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, b
     }
 
 
-def train_and_measure(cfg_data: dict[str, Any], long_set, short_set, ks: tuple[int, ...] = (1,)) -> dict[str, float]:
-    """Train one model, then {"long/cls/i2t@1": …, …} (R@k for each k in `ks`) on the held-out sets."""
-    from recaption.eval.retrieval import evaluate_retrieval
+def train_and_measure(cfg_data: dict[str, Any], long_set, short_set) -> dict[str, float]:
+    """Train one model, then its metrics (`METRICS`, percent) on the held-out sets."""
+    from recaption.eval.retrieval import embed_images, evaluate_retrieval
     from recaption.eval.trainer import TrainerEncoder
+    from recaption.eval.zeroshot import build_classifier, zeroshot_metrics
     from recaption.train.config import load_train_config
     from recaption.train.run import run_training
 
-    log_path = Path(cfg_data["run"]["output"]) / "train.log"
+    log_path = Path(cfg_data["run"]["output"] + ".log")  # beside the run directory, which the trainer owns
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log, contextlib.redirect_stdout(log):  # the trainer's step lines: kept, not shown
         summary = run_training(load_train_config(None, data=cfg_data), progress=False)
-    results = {}
-    for set_name, data in (("long", long_set), ("short", short_set)):
-        for slot in ("cls", "mean") if set_name == "long" else ("cls",):
-            encoder = TrainerEncoder.from_pretrained(summary["export"], text_slot=slot)
-            metrics = evaluate_retrieval(encoder, data, batch_size=64, ks=list(ks))
-            for direction in (f"{d}@{k}" for k in ks for d in ("i2t", "t2i")):
-                results[f"{set_name}/{slot}/{direction}"] = metrics[direction]
+    encoder = TrainerEncoder.from_pretrained(summary["export"], text_slot="cls")
+    long = evaluate_retrieval(encoder, long_set, batch_size=256, ks=[1, 5])
+    results = {f"long/{k}": long[k] for k in ("i2t@1", "i2t@5", "t2i@1", "t2i@5")}
+    images = embed_images(encoder, short_set.images, batch_size=256)
+    for key, templates in (("short/top1", UNSEEN_TEMPLATES), ("short/seen_top1", (SEEN_TEMPLATE,))):
+        classifier = build_classifier(encoder, short_set.class_names, templates, batch_size=256)
+        results[key] = zeroshot_metrics(images, classifier, short_set.labels, ks=(1,))["top1"]
     results["final_loss"] = summary["history"][-1]["loss"] if summary["history"] else float("nan")
     return results
 
 
+def claim_out(out: Path) -> None:
+    """Make `out` this command's: a new or empty directory gets the marker; one with the marker (an earlier run)
+    loses what that run wrote (data, runs, results), so a rerun with other settings never mixes with it; anything
+    else is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError(f"--out {out} is not empty and was not written by `recaption eval synthetic`; give a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "runs"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("ablation.json", "ablation.png"):
+        (out / name).unlink(missing_ok=True)
+    (out / MARKER).write_text("written by recaption eval synthetic\n")
+
+
 def run_ablation(
     out: str | Path,
-    size: int = 400,
-    repeats: int = 3,
-    steps: int = 150,
-    eval_size: int | None = None,
-    batch_size: int = 16,
+    size: int = 2000,
+    repeats: int = 5,
+    steps: int = 1000,
+    eval_long: int = 500,
+    eval_short: int = 1000,
+    batch_size: int = 32,
+    jobs: int = 2,
     arms: list[str] | None = None,
-    text: bool = True,
 ) -> dict[str, Any]:
-    """Build the data, train every arm `repeats` times (training seeds 0…repeats−1), measure, write the JSON and PNG,
-    print the table; returns the JSON's content. `text=False`: scenes without a written word."""
+    """Build the data, train every arm once per seed (0…repeats−1) in `jobs` processes of one thread each, measure,
+    write the JSON (again after each whole seed, so a stopped run leaves whole pairs) and the PNG, print the tables;
+    returns the JSON's content. One thread per model keeps results independent of `jobs`."""
     import logging
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    eval_size = eval_size or max(16, size // 4)
+    checks = {"--batch-size": (batch_size, 2), "--size": (size, batch_size), "--repeats": (repeats, 1), "--steps": (steps, 1),
+              "--eval-long": (eval_long, 10), "--eval-short": (eval_short, 10), "--jobs": (jobs, 1)}  # fmt: skip
+    for flag, (value, least) in checks.items():
+        if value < least:
+            raise ConfigError(f"{flag} {value}: must be at least {least}")
     arms = arms or list(ARMS)
+    out = Path(out)
+    claim_out(out)
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("recaption").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     started = time.time()
-    data_path = write_train_split(out / "data", size, text=text)
-    long_set, short_set = eval_sets(eval_size, text=text)
-    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
-    for seed in range(repeats):
-        for arm in arms:
-            t0 = time.time()
-            cfg = arm_config(arm, data_path, out / "runs" / f"{arm}-seed{seed}", steps, seed, batch_size)
-            runs[arm].append({**train_and_measure(cfg, long_set, short_set), "seconds": round(time.time() - t0, 1)})
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in runs[arm][-1].items())
-            print(f"{arm} seed {seed}: {shown}", flush=True)
-    payload = {
-        "setup": {
-            "train_scenes": size,
-            "scene_text": text,
-            "eval_scenes_long": len(long_set.images),
-            "eval_scenes_short": len(short_set.images),
-            "steps": steps,
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "seeds": list(range(repeats)),
-            "seconds": round(time.time() - started, 1),
-        },
-        "arms": {arm: {"label": ARM_LABELS[arm], "runs": runs[arm], "summary": summarise(runs[arm])} for arm in arms},
+    setup = {
+        "train_scenes": size,
+        "scene_size": SCENE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "eval_scenes_long": eval_long,
+        "eval_scenes_short": eval_short,
+        "short_classes": len(class_names()),
+        "unseen_templates": list(UNSEEN_TEMPLATES),
+        "steps": steps,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "seeds": list(range(repeats)),
+        "jobs": jobs,
+        "threads_per_job": 1,
+        "loadavg_at_start": loadavg(),
     }
+    data_path = write_train_split(out / "data", size)
+    tasks = [(seed, arm) for seed in range(repeats) for arm in arms]
+    configs = {
+        t: arm_config(t[1], data_path, out / "runs" / f"{t[1]}-seed{t[0]}", steps, t[0], batch_size) for t in tasks
+    }
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    done_seeds = 0
+
+    def finished(task: tuple[int, str], result: dict[str, float]) -> None:
+        nonlocal done_seeds
+        results[task] = result
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+        print(f"{task[1]} seed {task[0]}: {shown}", flush=True)
+        while done_seeds < repeats and all((done_seeds, a) in results for a in arms):
+            done_seeds += 1
+            partial = payload_of(setup, arms, results, done_seeds, time.time() - started)
+            (out / "ablation.json").write_text(json.dumps(partial, indent=1))
+
+    if jobs == 1:
+        for task in tasks:
+            finished(task, measure_job(configs[task], eval_long, eval_short))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no forked Ray/torch state in the workers
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(measure_job, configs[t], eval_long, eval_short): t for t in tasks}
+            for future in futures:  # in submission order: seed-major, so whole seeds finish first
+                finished(futures[future], future.result())
+    payload = payload_of(setup, arms, results, repeats, time.time() - started)
     (out / "ablation.json").write_text(json.dumps(payload, indent=1))
     plot_ablation(payload, out / "ablation.png")
     print(format_ablation_table(payload))
@@ -274,62 +312,134 @@ def run_ablation(
     return payload
 
 
-def summarise(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """{metric: {mean, std}} over repeats (std 0 for one run)."""
-    keys = [k for k in runs[0] if k != "seconds"]
+_EVAL_SETS: dict[tuple[int, int], Any] = {}
+
+
+def measure_job(cfg_data: dict[str, Any], eval_long: int, eval_short: int) -> dict[str, float]:
+    """One (arm, seed): train on one thread and measure; the held-out sets are drawn once per process."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if (eval_long, eval_short) not in _EVAL_SETS:
+            _EVAL_SETS[(eval_long, eval_short)] = eval_sets(eval_long, eval_short)
+        t0 = time.time()
+        result = train_and_measure(cfg_data, *_EVAL_SETS[(eval_long, eval_short)])
+        return {**result, "seconds": round(time.time() - t0, 1)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def payload_of(setup: dict, arms: list[str], results: dict, seeds: int, seconds: float) -> dict[str, Any]:
+    """The JSON of the first `seeds` whole seeds."""
+    runs = {arm: [results[(s, arm)] for s in range(seeds)] for arm in arms}
     return {
-        k: {
-            "mean": round(statistics.fmean(r[k] for r in runs), 2),
-            "std": round(statistics.stdev(r[k] for r in runs), 2) if len(runs) > 1 else 0.0,
-        }
-        for k in keys
+        "setup": {
+            **setup,
+            "seeds_done": seeds,
+            "complete": seeds == setup["repeats"],
+            "seconds": round(seconds, 1),
+            "loadavg_now": loadavg(),
+        },  # fmt: skip
+        "arms": {arm: {"label": ARM_LABELS[arm], "runs": runs[arm], "summary": summarise(runs[arm])} for arm in arms},
+        "paired": {f"{a}-{b}": paired(runs[a], runs[b]) for a, b in CONTRASTS if a in runs and b in runs},
     }
 
 
+def loadavg() -> list[float] | None:
+    """The machine's 1/5/15-minute load (the ablation's time depends on what else runs), where the OS tells it."""
+    with contextlib.suppress(OSError):
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    return None
+
+
+def mean_se(values: list[float]) -> dict[str, float | None]:
+    """Mean and standard error of the mean (sample s.d. / √n; None for one value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+    return {"mean": round(mean, 3), "se": None if se is None else round(se, 3), "n": n}
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """{metric: {mean, se, n}} over seeds."""
+    return {k: mean_se([r[k] for r in runs]) for k in runs[0] if k != "seconds"}
+
+
+def paired(runs: list[dict[str, float]], base: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per metric, the per-seed differences `runs[s] − base[s]`, their mean ± s.e. and sign counts."""
+    if len(runs) != len(base):
+        raise ValueError(f"paired differences need the same seeds: {len(runs)} runs against {len(base)}")
+    result = {}
+    for key in METRICS:
+        diffs = [round(r[key] - b[key], 3) for r, b in zip(runs, base, strict=True)]
+        signs = {"+": sum(d > 0 for d in diffs), "-": sum(d < 0 for d in diffs), "0": sum(d == 0 for d in diffs)}
+        result[key] = {"per_seed": diffs, **mean_se(diffs), "signs": signs}
+    return result
+
+
+def _cell(m: dict[str, Any]) -> str:
+    return f"{m['mean']:6.2f}" + (f" ± {m['se']:4.2f}" if m["se"] is not None else "       ")
+
+
 def format_ablation_table(payload: dict[str, Any]) -> str:
-    """R@1 (%) mean ± std per arm: long-text (CLS / mean of slots) and short-text retrieval."""
-    heads = [f"{s} {slot} {d.replace('@1', '')}" for s, slot, d in COLUMNS]
-    width = max(len(v["label"]) for v in payload["arms"].values())
+    """Per arm mean ± s.e. over seeds, then the paired differences with their sign counts."""
     setup = payload["setup"]
+    width = max(len(v["label"]) for v in payload["arms"].values())
     lines = [
-        f"R@1 (%), mean ± std over {setup['repeats']} seed(s); {setup['train_scenes']} train scenes"
-        f"{' with a written word' if setup.get('scene_text') else ''}, "
-        f"{setup['steps']} steps × batch {setup['batch_size']}; held-out: {setup['eval_scenes_long']} scenes (long), "
-        f"{setup['eval_scenes_short']} (short, one per distinct short caption)",
-        " | ".join(["arm".ljust(width), *(h.rjust(13) for h in heads)]),
+        f"percent, mean ± standard error over {setup['repeats']} seed(s); {setup['train_scenes']} train scenes of "
+        f"{setup['scene_size']} px (patch {setup['patch_size']}), {setup['steps']} steps × batch "
+        f"{setup['batch_size']}; held out: {setup['eval_scenes_long']} scenes (long-text retrieval), "
+        f"{setup['eval_scenes_short']} scenes (short-text zero-shot over {setup['short_classes']} classes, unseen "
+        f"templates)",
+        " | ".join(["arm".ljust(width), *(h.rjust(15) for h in METRICS.values())]),
     ]
     lines.append("-" * len(lines[-1]))
     for arm in payload["arms"].values():
-        cells = []
-        for s, slot, d in COLUMNS:
-            m = arm["summary"][f"{s}/{slot}/{d}"]
-            cells.append(f"{m['mean']:5.1f} ± {m['std']:4.1f}".rjust(13))
-        lines.append(" | ".join([arm["label"].ljust(width), *cells]))
+        lines.append(" | ".join([arm["label"].ljust(width), *(_cell(arm["summary"][k]).rjust(15) for k in METRICS)]))
+    if payload.get("paired"):
+        lines += ["", "paired differences per seed (mean ± s.e.; + / − / = seeds)"]
+        for name, metrics in payload["paired"].items():
+            cells = [f"{_cell(m)} {m['signs']['+']}/{m['signs']['-']}/{m['signs']['0']}" for m in metrics.values()]
+            lines.append(" | ".join([name.ljust(width), *(c.rjust(15) for c in cells)]))
     return "\n".join(lines)
 
 
 def plot_ablation(payload: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per metric column, one bar per arm, std as error bars."""
+    """Left: mean ± s.e. per arm and metric. Right: the paired differences, one dot per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(payload["arms"].values())
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
-        means = [arm["summary"][f"{s}/{slot}/{d}"]["mean"] for s, slot, d in COLUMNS]
-        stds = [arm["summary"][f"{s}/{slot}/{d}"]["std"] for s, slot, d in COLUMNS]
-        xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(COLUMNS))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=arm["label"])
-    ax.set_xticks(range(len(COLUMNS)), [f"{s}-text\n{slot} {d}" for s, slot, d in COLUMNS])
-    ax.set_ylabel("R@1 (%)")
+        means = [arm["summary"][k]["mean"] for k in METRICS]
+        errors = [arm["summary"][k]["se"] or 0.0 for k in METRICS]
+        xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(METRICS))]
+        left.bar(xs, means, width, yerr=errors, capsize=3, label=arm["label"])
+    left.set_xticks(range(len(METRICS)), [h.replace(" ", "\n", 1) for h in METRICS.values()], fontsize=8)
+    left.set_ylabel("percent (mean ± s.e. over seeds)")
+    left.legend(fontsize=8)
+    contrasts = list(payload.get("paired", {}).items())
+    for j, (name, metrics) in enumerate(contrasts):
+        offset = (j - (len(contrasts) - 1) / 2) * 0.3
+        for i, m in enumerate(metrics.values()):
+            right.scatter([i + offset] * len(m["per_seed"]), m["per_seed"], s=12, color=f"C{j}",
+                          label=name if i == 0 else None)  # fmt: skip
+            right.errorbar(i + offset, m["mean"], yerr=m["se"] or 0.0, fmt="_", color="k", capsize=4)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_xticks(range(len(METRICS)), [h.replace(" ", "\n", 1) for h in METRICS.values()], fontsize=8)
+    right.set_ylabel("paired difference (points)")
+    right.legend(fontsize=8)
     setup = payload["setup"]
-    ax.set_title(
-        f"Synthetic ablation: {setup['train_scenes']} train scenes, {setup['steps']} steps, {setup['repeats']} seed(s)"
-    )
-    ax.legend(fontsize=8)
+    fig.suptitle(f"Synthetic corner-token ablation: {setup['train_scenes']} scenes, {setup['steps']} steps, "
+                 f"{setup['repeats']} seeds")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from recaption.config import Strict, load_model
-from recaption.errors import ConfigError
+from recaption.errors import ConfigError, InputError, RecaptionError
 
 if TYPE_CHECKING:
     from recaption.eval.datasets import ClassificationSet, EvalSet
@@ -195,10 +195,28 @@ def _resolve(config: EvalConfig | str | Path | dict[str, Any], overrides: list[s
 def load_sets(cfg: EvalConfig) -> list[tuple[SetSection, EvalSet | ClassificationSet]]:
     """Every set of the config, loaded (files listed and checked, no image decoded yet); names must differ."""
     loaded = []
-    for section in cfg.sets:
-        data = section.load()
+    for i, section in enumerate(cfg.sets):
+        where = f"sets[{i}] ({section.format}{', ' + str(getattr(section, 'path', '')) if hasattr(section, 'path') else ''})"
+        try:
+            data = section.load()
+        except RecaptionError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # a malformed file, not a bug here
+            detail = f"{type(e).__name__}: {e}" if not isinstance(e, UnicodeDecodeError) else "not UTF-8 text"
+            raise InputError(f"{where}: the file does not have the format's layout ({detail})") from None
         if section.limit and hasattr(data, "head"):
             data = data.head(section.limit)
+        if not data.images or (hasattr(data, "texts") and not data.texts):
+            raise InputError(f"{where}: the set is empty (no images or no texts)")
+        if isinstance(section, ImageFolderSet):
+            from recaption.eval.zeroshot import resolve_templates
+
+            try:
+                bad = [t for t in resolve_templates(section.templates) if t.count("{}") != 1]
+            except ValueError as e:
+                raise ConfigError(f"{where} templates: {e}") from None
+            if bad:
+                raise ConfigError(f"{where} templates: each needs exactly one {{}} for the class name: {bad[:3]}")
         loaded.append((section, data))
     names = [d.name for _, d in loaded]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -237,15 +255,21 @@ def run_eval(
     from recaption.eval.retrieval import format_table, write_json
 
     cfg = _resolve(config, overrides)
+    loaded = load_sets(cfg)  # before the model: a malformed set fails in a second, not after a model load
     if encoder is None:
         if cfg.model is None:
             raise ConfigError("model: required key is missing (e.g. model: {path: /ckpt/clip-vit-b16})")
         m = cfg.model
         options = {"device": m.device, "dtype": m.dtype, "max_length": m.max_length}
-        encoder = load_encoder(
-            m.kind, m.path, **options, **({"text_slot": m.text_slot} if m.kind == "recaption" else {})
-        )
-    results = evaluate_sets(encoder, load_sets(cfg), cfg)
+        try:
+            encoder = load_encoder(
+                m.kind, m.path, **options, **({"text_slot": m.text_slot} if m.kind == "recaption" else {})
+            )
+        except RecaptionError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a torn or mismatched checkpoint
+            raise InputError(f"model.path {m.path}: cannot load the model ({type(e).__name__}: {e})") from None
+    results = evaluate_sets(encoder, loaded, cfg)
     payload = {"model": cfg.model.model_dump() if cfg.model else None, "config": cfg.model_dump(), "results": results}
     print(format_table(results))
     if cfg.output:

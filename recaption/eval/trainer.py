@@ -6,13 +6,12 @@ Texts are tokenised as the trainer tokenises long texts (`[CLS] text [SEP]`, at 
 pooled in one of two ways, `text_slot`:
 
 - `cls` (default): slot 0, the CLS token. This is the embedding the trainer's short-text and sub-caption losses
-  train, and the one that exists for every model (K = 0 or not), so it is the fair choice when models with and
-  without corner tokens are compared.
+  train, the one that exists for every model (K = 0 or not), and the one LoTLIP's released model uses at eval:
+  its `open_clip/model.py` `encode_text` keeps only the CLS slot of a single (2-D) text batch and returns all slots
+  only for the 3-D training batch.
 - `mean`: the mean of the K+1 normalised slots (CLS and the corners), normalised again. The long-text loss
   (`loss.long_slots: all`) trains every slot against the image, so this pools what it learnt. With K = 0 it equals
-  `cls`. LoTLIP's released repository ships only the evaluation of plain CLIP models (no corner-token model
-  evaluation was released to check against), so which pooling its paper used for long texts could not be checked;
-  both are offered and the ablation reports both for long texts.
+  `cls`. Not LoTLIP's eval; offered to see what the corner slots hold.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def tar_units(
     known = known or {}
     unknown = [t for t in need if t.path not in known]
     counts = _counts(root, unknown, listed, ids, output, read_only) if unknown else {}
-    counts.update(known)
+    counts.update({t.path: known[t.path] for t in need if t.path in known})  # a compressed tar is never cut
     units = []
     for t in tars:
         uri, n = join(root, t.path), counts.get(t.path)

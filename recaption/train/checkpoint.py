@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recaption.errors import ConfigError
+from recaption.errors import ConfigError, TrainingError
 from recaption.faults import fault_point
 from recaption.train.data import DataState
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+STEP_NAME = re.compile(r"step-\d{8}")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when no parameter or buffer holds NaN or inf (one sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def _barrier() -> None:
@@ -61,6 +69,10 @@ def save_checkpoint(
     """Write `checkpoints/step-<n>/` and point `checkpoints/latest` at it. The directory is filled under a temp name
     and renamed, and `latest` is replaced by rename, so a run killed at any moment leaves the last complete one.
     Every worker adds its own RNG and data position; rank 0 writes the (replicated) model and optimizer."""
+    if not weights_finite(model):
+        raise TrainingError(
+            f"step {step}: the weights hold NaN or inf; no checkpoint written, the earlier ones are kept"
+        )
     root = Path(run_dir) / CHECKPOINTS
     name = f"step-{step:08d}"
     tmp = root / f"{TMP_PREFIX}{name}"
@@ -82,7 +94,8 @@ def save_checkpoint(
         pointer = root / f"{TMP_PREFIX}{LATEST}"
         pointer.write_text(name)
         os.replace(pointer, root / LATEST)
-        older = sorted(p for p in root.glob("step-*") if p.name != name)
+        # Only the names this function writes: a user's `step-…-keep` copy is theirs.
+        older = sorted(p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and p.name != name)
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         fault_point("train:after-checkpoint")

@@ -47,9 +47,10 @@ class SamplingConfig(Strict):
     num_sub_captions: int = Field(4, ge=1, description="K sub-captions sampled per image per step (DreamLIP)")
     merge: int = Field(1, ge=1, description="Consecutive sub-captions joined into one sampled unit")
     sub_caption_pool: Literal["chosen", "all"] = Field(
-        "chosen",
-        description="Where the K sub-captions come from: the sampled long caption (chosen), or every usable long "
-        "caption of the row, all models × long prompts (all, the reading closest to DreamLIP)",
+        "all",
+        description="Where the K sub-captions come from: every usable long caption of the row, all models × long "
+        "prompts (all: DreamLIP's training/data.py pools the sentences of all captions of an image), or the sampled "
+        "long caption only (chosen)",
     )
     skip_flags: list[str] = Field(
         default_factory=lambda: ["error", "empty", "repetition", "dropped"],
@@ -113,11 +114,21 @@ class LossConfig(Strict):
 
     long: float = Field(1.0, ge=0.0, description="LoTLIP: symmetric InfoNCE per slot of the long caption")
     short: float = Field(1.0, ge=0.0, description="Symmetric InfoNCE of the short text's CLS slot")
-    multi_positive: float = Field(1.0, ge=0.0, description="DreamLIP: K sub-captions as positives of their image")
+    multi_positive: float = Field(
+        1.0, ge=0.0, description="DreamLIP: each of K sub-captions its own InfoNCE against the images (released form)"
+    )
     grouping: float = Field(0.0, ge=0.0, description="DreamLIP: sub-caption ↔ pooled patch tokens")
     holistic: float = Field(0.0, ge=0.0, description="Holistic CLIP: image branch i ↔ text i")
     long_slots: Literal["all", "cls"] = Field("all", description="Long texts use all K+1 slots (LoTLIP) or CLS only")
-    grouping_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="Min-max-normalised weights below it are 0")
+    grouping_threshold: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Min-max-normalised weights below it are 0 (DreamLIP's sgl_delta, 0.0)"
+    )
+    slot_weighting: Literal["per_slot", "per_loss"] = Field(
+        "per_slot",
+        description="per_slot: every text slot (short CLS, each long slot, each sub-caption) one InfoNCE weighted "
+        "1/number of slots × its loss weight, as LoTLIP's and DreamLIP's released loss.py; per_loss: each loss's "
+        "mean over its slots × its weight",
+    )
     grouping_scope: Literal["batch", "image"] = Field(
         "batch", description="Negatives of the grouping loss: all B·K pairs of the global batch, or one image's K"
     )

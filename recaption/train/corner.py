@@ -59,10 +59,15 @@ class CornerTextTower(nn.Module):
         self.specials_see_each_other = specials_see_each_other
         width = encoder.config.hidden_size
         std = getattr(encoder.config, "initializer_range", 0.02)
-        # Each corner starts from its own random point, so the slots gather different features from the start.
-        self.corners = nn.Parameter(torch.randn(num_corners, width) * std) if num_corners else None
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
+        # Each corner starts from its own random point, so the slots gather different features from the start. They
+        # are drawn on a forked generator: the global one advances the same for any K, so models that differ only
+        # in K start from the same weights everywhere they share (paired ablation arms).
+        self.corners = None
+        if num_corners:
+            with torch.random.fork_rng(devices=[]):
+                self.corners = nn.Parameter(torch.randn(num_corners, width) * std)
 
     @property
     def num_slots(self) -> int:

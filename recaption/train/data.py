@@ -4,6 +4,7 @@ batches of pixels and tokens."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import queue
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
@@ -30,7 +32,9 @@ from recaption.train.sampling import TextSampler, example_rng
 from recaption.train.tokenizer import encode
 from recaption.writer import METADATA_KEY, is_legacy_part, open_output
 
-COLUMNS = ["key", "unit", "status", "alt_text", "captions"]
+COLUMNS = ["key", "unit", "status", "alt_text", "captions", "image_sha256"]
+# Why an image of a trainable row is not trained on (counted once per key, reported in summary.json).
+IMAGE_SKIPS = ("missing from the source shards", "changed since captioning", "undecodable")
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -63,19 +67,62 @@ def output_parts(path: str) -> list[str]:
 
 
 def export_shards(path: str) -> list[str]:
-    """The tars of a `recaption export --to webdataset` directory when `path` is one (it has no part files)."""
+    """The tars of a `recaption export --to webdataset` directory when `path` is one (it has no part files); source
+    image shards (whose samples carry no captions) are an InputError naming the path."""
     files = [f.path for f in list_files(path)]
     if any(is_legacy_part(f) for f in files):  # a pipeline output (any layout's part files)
         return []
-    return [join(path, f) for f in files if f.endswith(".tar")]
+    tars = [join(path, f) for f in files if f.endswith(".tar")]
+    if tars:
+        first = next(export_rows(tars[0], check=False), None)
+        if first is None or not isinstance(first[0].get("captions"), list):
+            raise InputError(
+                f"data.path {display(path)} holds tar shards without captions (image shards, not a `recaption "
+                f"export --to webdataset`): set data.path to the `recaption run` output (its output.path)"
+            )
+    return tars
 
 
-def export_rows(shard: str) -> Iterator[tuple[dict, bytes]]:
+def export_rows(shard: str, check: bool = True) -> Iterator[tuple[dict, bytes]]:
     """(row, image bytes) of an exported shard's samples: each `.json` member is the row with its captions."""
     with open_input(shard) as stream:
         for record in read_samples(stream, basename(shard)):
             if record.error is None and record.meta and record.image:
+                if check:
+                    check_row(record.meta, shard)
                 yield record.meta, record.image
+
+
+def check_row(row: dict, where: str) -> None:
+    """A row's captions must be a list of caption structs (objects with a text), as the pipeline writes them."""
+    captions = row.get("captions")
+    if captions is None:
+        return
+    if not isinstance(captions, list) or any(not isinstance(c, dict) or "text" not in c for c in captions):
+        raise InputError(
+            f"{display(where)}: captions of {row.get('key')!r} are not a list of caption structs (model, prompt, "
+            f"text, sub_captions, …): is data.path a `recaption run` output?"
+        )
+
+
+def read_rows(part: str, columns: list[str]) -> list[dict]:
+    """The rows of one part file; a file without the pipeline's columns is an InputError naming it."""
+    with open_input_file(part) as f:
+        pfile = pq.ParquetFile(f)
+        schema = pfile.schema_arrow
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise InputError(
+                f"{display(part)} lacks the column(s) {', '.join(missing)}: data.path must be a `recaption run` output"
+            )
+        if "captions" in columns:
+            kind = schema.field("captions").type
+            if not (pa.types.is_list(kind) and pa.types.is_struct(kind.value_type)):
+                raise InputError(
+                    f"{display(part)}: captions are {kind}, not a list of caption structs (model, prompt, text, …): "
+                    f"data.path must be a `recaption run` output"
+                )
+        return pfile.read(columns=columns).to_pylist()
 
 
 def source_input(parts: list[str], input_path: str | None) -> InputConfig:
@@ -107,8 +154,31 @@ def _row_groups(path: str) -> Iterator[list[dict]]:
         yield from ([row for row, _ in export_rows(shard)] for shard in shards)
         return
     for part in output_parts(path):
-        with open_input_file(part) as f:
-            yield pq.read_table(f, columns=["alt_text", "captions"]).to_pylist()
+        yield read_rows(part, ["alt_text", "captions"])
+
+
+def row_report(path: str, sampler: TextSampler) -> dict:
+    """What an epoch can hold, before training: rows, trainable rows and the skipped ones by reason."""
+    rows = [r for group in _all_rows(path) for r in group]
+    skipped: dict[str, int] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            reason = f"{row.get('status') or 'no'} status"
+        elif not sampler.trainable(row):
+            reason = "no usable caption"
+        else:
+            continue
+        skipped[reason] = skipped.get(reason, 0) + 1
+    return {"rows": len(rows), "trainable": len(rows) - sum(skipped.values()), "skipped": skipped}
+
+
+def _all_rows(path: str) -> Iterator[list[dict]]:
+    shards = export_shards(path)
+    if shards:
+        yield from ([row for row, _ in export_rows(shard)] for shard in shards)
+        return
+    for part in output_parts(path):
+        yield read_rows(part, ["key", "status", "captions"])
 
 
 class ExampleStream:
@@ -118,24 +188,26 @@ class ExampleStream:
     def __init__(self, cfg: TrainConfig, sampler: TextSampler, rank: int = 0, world: int = 1) -> None:
         self.cfg, self.sampler, self.rank, self.world = cfg.data, sampler, rank, world
         self.seed = cfg.run.seed
+        self.skipped: dict[str, set[str]] = {}  # reason → keys of trainable rows whose image this worker skipped
         shards = export_shards(cfg.data.path)  # a webdataset export carries its images and rows
         self.exported = bool(shards)
+        self.input_path = cfg.data.path
         if self.exported:
             self.parts = shards
         else:
             self.parts = output_parts(cfg.data.path)
             self.input_cfg = source_input(self.parts, cfg.data.input_path)
+            self.input_path = self.input_cfg.path
             self.units = {u.unit: u for u in plan_units(self.input_cfg)}
 
     def epoch(self, epoch: int) -> Iterator[Example]:
+        """Rows, not files, are split over workers: every worker reads each part and keeps every world-th of its
+        trainable rows (from an offset that moves with the part's place), so failed rows gathered in some parts
+        never leave a worker without data, and workers' shares differ by at most one row per part."""
         order = list(self.parts)
         example_rng(self.seed, epoch, "parts").shuffle(order)  # the same order on every worker
-        split = len(order) >= self.world
-        mine = order[self.rank :: self.world] if split else order
-        # Interleaving draws are the same on every worker, so that striding below splits one common sequence.
-        stream = self._interleave([self._part(p) for p in mine], example_rng(self.seed, epoch, "interleave"))
-        if not split:  # fewer parts than workers: every worker reads all, keeps every world-th example
-            stream = (ex for i, ex in enumerate(stream) if i % self.world == self.rank)
+        parts = [self._part(p, (self.rank + i) % self.world) for i, p in enumerate(order)]
+        stream = self._interleave(parts, example_rng(self.seed, epoch, f"interleave-{self.rank}"))
         yield from self._shuffle(stream, example_rng(self.seed, epoch, f"shuffle-{self.rank}"))
 
     def _interleave(self, parts: list[Iterator[Example]], rng: random.Random) -> Iterator[Example]:
@@ -161,19 +233,21 @@ class ExampleStream:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _part(self, part: str) -> Iterator[Example]:
-        """The trainable rows of one part file, joined by key with the images read from their source shard."""
+    def _part(self, part: str, offset: int = 0) -> Iterator[Example]:
+        """This worker's trainable rows of one part file (every world-th from `offset`), joined by key with the
+        images read from their source shard; an image that is missing or not the one captioned is skipped and
+        counted."""
         if self.exported:
-            yield from (
-                Example(row["key"], image, row) for row, image in export_rows(part) if self.sampler.trainable(row)
-            )
+            trainable = (r for r in export_rows(part) if self.sampler.trainable(r[0]))
+            for i, (row, image) in enumerate(trainable):
+                if i % self.world == offset:
+                    yield Example(row["key"], image, row)
             return
-        with open_input_file(part) as f:
-            rows = pq.read_table(f, columns=COLUMNS).to_pylist()
+        rows = [r for r in read_rows(part, COLUMNS) if self.sampler.trainable(r)]
         by_unit: dict[str, dict[str, dict]] = {}
-        for row in rows:
-            if self.sampler.trainable(row):
-                by_unit.setdefault(row["unit"], {})[row["key"]] = row
+        for row in rows[offset :: self.world]:
+            check_row(row, part)
+            by_unit.setdefault(row["unit"], {})[row["key"]] = row
         for unit_id in sorted(by_unit):
             unit = self.units.get(unit_id)
             if unit is None:
@@ -182,9 +256,20 @@ class ExampleStream:
                 )
             wanted = by_unit[unit_id]
             for record in read_unit(unit, self.input_cfg):
-                row = wanted.get(record.key)
-                if row is not None and record.image:
+                row = wanted.pop(record.key, None)
+                if row is None:
+                    continue
+                if not record.image:
+                    self.skip("missing from the source shards", record.key)
+                elif row.get("image_sha256") and hashlib.sha256(record.image).hexdigest() != row["image_sha256"]:
+                    self.skip("changed since captioning", record.key)
+                else:
                     yield Example(record.key, record.image, row)
+            for key in wanted:
+                self.skip("missing from the source shards", key)
+
+    def skip(self, reason: str, key: str) -> None:
+        self.skipped.setdefault(reason, set()).add(key)
 
 
 def load_image(data: bytes, size: int) -> np.ndarray:
@@ -212,6 +297,7 @@ class Batches:
         self.sampler = TextSampler(cfg.sampling, cfg.run.seed)
         self.stream = ExampleStream(cfg, self.sampler, rank, world)
         self.state = state or DataState()
+        self.epoch_size = 0  # examples of this worker's last whole epoch (0 until one ends)
         loss, corners = cfg.loss, cfg.model.text.num_corners
         self.layout = [
             (name, n)
@@ -237,19 +323,43 @@ class Batches:
                 self.state = DataState(epoch, i + 1)
                 yield epoch, ex
             if drawn == 0:
-                raise InputError(f"no trainable rows for worker {self.stream.rank} in {display(self.cfg.data.path)}")
+                skipped = {r: len(k) for r, k in self.stream.skipped.items()}
+                why = f" (images skipped: {', '.join(f'{n} {r}' for r, n in skipped.items())})" if skipped else ""
+                raise InputError(
+                    f"no usable image for worker {self.stream.rank} of {self.stream.world} in "
+                    f"{display(self.cfg.data.path)}{why}"
+                )
+            self.epoch_size = drawn
             epoch, skip = epoch + 1, 0
             self.state = DataState(epoch, 0)
+
+    def skipped(self) -> dict[str, int]:
+        """This worker's skipped images by reason (`IMAGE_SKIPS`), each key once."""
+        return {reason: len(self.stream.skipped.get(reason, ())) for reason in IMAGE_SKIPS}
 
     def __iter__(self) -> Iterator[dict]:
         examples = self._examples()
         size, b = self.cfg.model.image.image_size, self.cfg.run.batch_size
+        failed_in_a_row = 0
         while True:
             picked: list[tuple[int, Example, np.ndarray]] = []
             while len(picked) < b:
                 chunk = [next(examples) for _ in range(b - len(picked))]
                 images = self.pool.map(lambda item: _try_load(item[1].image, size), chunk)
-                picked += [(e, ex, im) for (e, ex), im in zip(chunk, images, strict=True) if im is not None]
+                for (e, ex), im in zip(chunk, images, strict=True):
+                    if im is None:
+                        self.stream.skip("undecodable", ex.key)
+                        failed_in_a_row += 1
+                    else:
+                        picked.append((e, ex, im))
+                        failed_in_a_row = 0
+                # Two epochs' worth of draws in a row hold a whole epoch: not one image of this worker decodes.
+                if self.epoch_size and failed_in_a_row >= 2 * self.epoch_size:
+                    raise InputError(
+                        f"none of the {self.epoch_size} images of worker {self.stream.rank} decodes "
+                        f"({len(self.stream.skipped['undecodable'])} failed): the images in the source shards are "
+                        f"not readable (data.input_path: {display(self.stream.input_path)})"
+                    )
             yield self._collate(picked)
 
     def _collate(self, picked: list[tuple[int, Example, np.ndarray]]) -> dict:
@@ -260,18 +370,34 @@ class Batches:
             "layout": self.layout,
             "state": DataState(self.state.epoch, self.state.consumed),
         }
+        batch["text_ids"] = {}
         if self.cfg.loss.long:
             batch["long_ids"], batch["long_mask"] = encode(self.tokenizer, [t.long for t in texts], self.long_tokens)
+            batch["text_ids"]["long"] = text_ids([[t.long] for t in texts])[:, 0]
         short = []
         for name, _ in self.layout:
-            for t in texts:
-                short += [t.short] if name == "short" else t.subs if name == "subs" else t.holistic
+            group = [[t.short] if name == "short" else t.subs if name == "subs" else t.holistic for t in texts]
+            short += [text for per_image in group for text in per_image]
+            ids = text_ids(group)
+            batch["text_ids"][name] = ids[:, 0] if name == "short" else ids
         if short:
             batch["short_ids"], batch["short_mask"] = encode(self.tokenizer, short, self.short_tokens)
         return batch
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def text_ids(texts: list[list[str]]) -> torch.Tensor:
+    """(N, n) int64 ids, equal exactly for equal texts in any worker (a hash of the text), so that the loss can tell
+    identical texts of the global batch apart from negatives."""
+    return torch.tensor(
+        [
+            [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big", signed=True) for t in row]
+            for row in texts
+        ],
+        dtype=torch.int64,
+    )
 
 
 def _try_load(data: bytes, size: int) -> np.ndarray | None:

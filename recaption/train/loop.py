@@ -12,16 +12,18 @@ from pathlib import Path
 
 import torch
 
+from recaption.errors import TrainingError
 from recaption.progress import Progress
 from recaption.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recaption.train.config import TrainConfig
-from recaption.train.data import Batches, DataState, prefetch
+from recaption.train.data import Batches, DataState, prefetch, row_report
 from recaption.train.losses import compute_losses, split_texts
 from recaption.train.model import ContrastiveModel, build_model, save_pretrained
 from recaption.train.tokenizer import load_tokenizer
 
 EvalHook = Callable[[ContrastiveModel, object, int], dict]
 TENSOR_KEYS = ("pixel_values", "long_ids", "long_mask", "short_ids", "short_mask")
+MAX_SKIPPED_STEPS = 20  # fp16 only: consecutive steps the grad scaler may skip before the run stops
 
 
 def train(
@@ -63,11 +65,16 @@ def train(
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     loader = Batches(cfg, tokenizer, rank, world, data_state)
+    rows = row_report(cfg.data.path, loader.sampler) if main else None
+    if rows is not None and rows["skipped"]:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in rows["skipped"].items())
+        log(main, f"data: {rows['trainable']} of {rows['rows']} rows trainable; skipped {reasons}")
     batches = prefetch(iter(loader))
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     bar = Progress.for_steps(cfg.run.steps, initial=step, enabled=progress and main)
     accum, micro_batch = cfg.run.grad_accum, cfg.run.batch_size
     history: list[dict] = []
+    bad_steps = 0  # consecutive fp16 steps the scaler skipped
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.run.steps:
@@ -83,13 +90,23 @@ def train(
                         out = ddp(**inputs)
                         if "short_all" in out:
                             out.update(split_texts(out.pop("short_all"), batch["layout"], len(batch["keys"])))
-                        losses = compute_losses(out, cfg.loss)
+                        ids = {k: v.to(device, non_blocking=True) for k, v in batch["text_ids"].items()}
+                        losses = compute_losses(out, cfg.loss, ids)
                     scaler.scale(losses["loss"] / accum).backward()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + value.detach() / accum
             scaler.unscale_(optimizer)
             limit = cfg.optim.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
+            # One sync per step: a non-finite loss or gradient must never reach the weights or a checkpoint. Every
+            # worker sees the same global loss and all-reduced gradients, so all stop together.
+            finite = bool(torch.isfinite(totals["loss"]) & torch.isfinite(grad_norm))
+            if not finite and scaler.is_enabled() and bad_steps < MAX_SKIPPED_STEPS:
+                bad_steps += 1  # fp16: the scaler skips this step and lowers its scale, as GradScaler is meant to
+            elif not finite:
+                raise TrainingError(non_finite_message(step + 1, totals, grad_norm, scheduler, run_dir))
+            else:
+                bad_steps = 0
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -129,14 +146,31 @@ def train(
     finally:
         batches.close()
         loader.close()
-        bar.close()
+        bar.close(finished=step >= cfg.run.steps)
         if metrics:
             metrics.close()
-    summary = {"step": step, "history": history, "run_dir": str(run_dir), "export": None}
+    # Images are counted by each worker over its own rows; no collective here (a worker that stopped early must not
+    # leave the others waiting): the summary holds worker 0's share, which with N workers is about 1/N of all.
+    skipped = {"rows": rows["skipped"] if rows else {}, "images": loader.skipped(), "images_of_workers": [0]}
+    if main and any(skipped["images"].values()):
+        log(main, "images skipped: " + ", ".join(f"{n} {r}" for r, n in skipped["images"].items() if n))
+    summary = {"step": step, "history": history, "run_dir": str(run_dir), "export": None, "skipped": skipped}
     if main:
         summary["export"] = str(quiet_export(model, tokenizer, run_dir / "final", cfg))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def non_finite_message(step: int, totals: dict, grad_norm: torch.Tensor, scheduler, run_dir: Path) -> str:
+    """One line: which step went non-finite, at what learning rate, what is kept and what to change."""
+    values = ", ".join(f"{k} {v.item():.4g}" for k, v in totals.items())
+    last = latest_checkpoint(run_dir)
+    kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint was written"
+    return (
+        f"step {step}: non-finite loss or gradient ({values}, grad_norm {float(grad_norm):.4g}) at lr "
+        f"{scheduler.get_last_lr()[0]:.3g}; stopped before updating the weights, nothing exported; {kept}. "
+        f"Lower optim.lr (or set optim.grad_clip, optim.warmup_steps) and run again"
+    )
 
 
 def quiet_export(model: ContrastiveModel, tokenizer, out: Path, cfg: TrainConfig) -> Path:

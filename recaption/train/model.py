@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recaption.errors import ConfigError
+from recaption.errors import ConfigError, TrainingError
 from recaption.train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from recaption.train.corner import CornerTextTower
 
@@ -164,6 +164,10 @@ def save_pretrained(model: ContrastiveModel, tokenizer, out_dir: str | Path, cfg
     class tokens and scales in `heads.safetensors`, and the model config; `load_pretrained` reads it back."""
     from safetensors.torch import save_file
 
+    from recaption.train.checkpoint import weights_finite
+
+    if not weights_finite(model):
+        raise TrainingError(f"the weights hold NaN or inf: nothing exported to {out_dir}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.image.vision.save_pretrained(out / "image")

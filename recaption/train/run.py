@@ -5,15 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import yaml
 
+from recaption.errors import ConfigError
 from recaption.shards.fs import is_uri
+from recaption.train.checkpoint import latest_checkpoint
 from recaption.train.config import TrainConfig, load_train_config
 from recaption.train.data import caption_texts, export_shards, output_parts, source_input
 from recaption.train.loop import EvalHook, train
 from recaption.train.tokenizer import prepare_tokenizer
+from recaption.writer import OUTPUT_KIND, OWNER_FILE
+
+RUN_KIND = "train-run"
+# What a training run writes in run.output (and may find there when it resumes).
+RUN_NAMES = {OWNER_FILE, "config.yaml", "tokenizer", "metrics.jsonl", "checkpoints", "final", "summary.json",
+             "ray-train", ".tmp-tokenizer"}  # fmt: skip
+# Keys a resume may change: how often it logs, evaluates and saves, where shards now are, local resources, and
+# run.steps (applied for real: the schedule is a function of the step and run.steps, so the cosine is recomputed
+# from the checkpoint's step to the new last step).
+RESUMABLE_CHANGES = (
+    "run.steps", "run.log_every", "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints", "run.resume", "run.device",
+    "data.input_path", "data.decode_threads", "distributed.address", "distributed.cpus_per_worker", "eval",
+)  # fmt: skip
 
 
 def prepare_run(cfg: TrainConfig) -> TrainConfig:
@@ -35,10 +51,78 @@ def prepare_run(cfg: TrainConfig) -> TrainConfig:
         if getattr(section, key):
             setattr(section, key, os.path.abspath(getattr(section, key)))
     run_dir = Path(cfg.run.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
+    check_resume(cfg, run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
     prepare_tokenizer(cfg.model.text, run_dir, lambda: caption_texts(cfg.data.path))
     return cfg
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make sure `run.output` is a training run's before anything is written (the pipeline's ownership rule): a new
+    or empty directory becomes one, one that is stays; a captions output, another recaption directory or a foreign
+    non-empty directory is refused in one line, untouched. A run directory of an earlier version (only the names a
+    run writes, no owner file) is adopted."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.output {run_dir} is a file; give a directory (new, empty, or an earlier run's)")
+    owner_path = run_dir / OWNER_FILE
+    if owner_path.is_file():
+        try:
+            owner = json.loads(owner_path.read_text())
+        except ValueError:
+            owner = {}
+        kind = owner.get("kind") if isinstance(owner, dict) else None
+        if kind == RUN_KIND:
+            return
+        what = "a captions output (recaption run)" if kind == OUTPUT_KIND else f"a recaption {kind} directory"
+        raise ConfigError(f"run.output {run_dir} is {what}, not a training run; choose another run.output")
+    names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if any(n in ("_done", "_run.json") or n.startswith("part-") for n in names):  # an output of an older layout
+        raise ConfigError(f"run.output {run_dir} is a captions output (recaption run), not a training run; choose "
+                          f"another run.output")  # fmt: skip
+    foreign = [n for n in names if n not in RUN_NAMES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"run.output {run_dir} is not empty and is not a training run (it holds {shown}); choose a new or empty "
+            f"directory"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"tool": "recaption", "kind": RUN_KIND, "created_at": time.time()}
+    owner_path.write_text(json.dumps(record))
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """A resume must train as the checkpoint's run did: every key of the saved `config.yaml` outside
+    `RESUMABLE_CHANGES` must be unchanged, else one line names the keys that differ (the checkpoint's optimizer and
+    scheduler state, data position and seeds would otherwise be mixed with the new values)."""
+    saved_path = run_dir / "config.yaml"
+    if not cfg.run.resume or latest_checkpoint(run_dir) is None or not saved_path.is_file():
+        return
+    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
+    new = _flat(cfg.resolved())
+    changed = [
+        k
+        for k in sorted(set(saved) | set(new))
+        if saved.get(k) != new.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        shown = ", ".join(f"{k} {saved.get(k)!r} → {new.get(k)!r}" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ConfigError(
+            f"run.output {run_dir} holds a checkpoint of another training config: {shown}{more}; resume with the "
+            f"saved config.yaml, or set a new run.output (or run.resume: false to start this one over)"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def train_command(config: str, overrides: list[str] = (), progress: bool = True) -> int:
@@ -71,6 +155,9 @@ def run_on_ray(cfg: TrainConfig, progress: bool = True, eval_hook: EvalHook | No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     dist = cfg.distributed
+    # Ray Train's print patch sends a worker's print both to its stdout and through logging, so every line (progress,
+    # metrics) reached the driver twice; the workers print as plain processes instead (propagated by Ray Train).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         address = dist.address or os.environ.get("RAY_ADDRESS")
         kwargs = {"address": address} if address else {"include_dashboard": False}

@@ -87,14 +87,13 @@ class TextSampler:
     def units(self, long: dict, pool: list[dict]) -> list[str]:
         """What the K sub-captions are drawn from, per `sampling.sub_caption_pool`.
 
-        `chosen`: the units of the sampled long caption only (so sub-captions and the long text agree).
-        `all`: the units of every caption in the row's long pool (all chosen models × long prompts), each caption
-        split and merged on its own (a merged unit never joins two captions), in the row's stored order, a sentence
-        that several captions share kept once. This is our reading of DreamLIP (arXiv 2403.17007): its abstract
-        samples sub-captions "from the text label" of an image, and its released captions give each image the long
-        captions of three MLLMs (InstructBLIP, LLaVA-1.5, ShareGPT4V). Its training code is unreleased and its
-        method section could not be checked here, so `chosen` stays the default (the behaviour before this option);
-        set `all` to pool. With one long caption of distinct sentences both give the same draws.
+        `all` (default): the units of every caption in the row's long pool (all chosen models × long prompts), each
+        caption split and merged on its own (a merged unit never joins two captions), in the row's stored order, a
+        sentence that several captions share kept once. DreamLIP's released `training/data.py` (`split_caption` on
+        newline, `</s>` and `.`) concatenates the sentences of all MLLM captions of an image (InstructBLIP,
+        LLaVA-1.5, ShareGPT4V, short and long) and samples K of them. `chosen`: the units of the sampled long caption
+        only (so sub-captions and the long text agree). With one long caption of distinct sentences both give the
+        same draws.
         """
         if self.cfg.sub_caption_pool == "chosen":
             return sub_caption_units(_sub_captions(long), self.cfg.merge)

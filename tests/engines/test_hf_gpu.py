@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from PIL import Image
 
@@ -51,6 +53,7 @@ def test_bf16_on_cuda_generates_and_its_logits_match_float32_on_cpu(tmp_path, fa
     assert [g.text for g in fp32.caption(images, [prompt] * 16)] == [g.text for g in cpu.caption(images, [prompt] * 16)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (scripts/gpu-check.sh)")
 def test_gpu_actor_in_the_ray_job(tmp_path, ray_session):
     """A caption actor that asks Ray for a GPU runs its engine on CUDA. `device: cuda` makes that checkable: the
     engine moves the model to CUDA in the actor, which fails (and with it every row) unless Ray handed the actor a

@@ -159,3 +159,48 @@ def test_recaption_eval_command(tiny_clip, tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["results"]["syn"]["n_images"] == 4
     assert main(["eval", str(tmp_path / "eval.yaml"), "--set", "sets.0.sizee=3"]) == 2
     assert "sets.0" in capsys.readouterr().err
+
+
+def share4v(path, entries, encoding="utf-8"):
+    path.write_bytes(json.dumps(entries, ensure_ascii=False).encode(encoding))
+    return {"format": "sharegpt4v", "path": str(path), "images": str(path.parent)}
+
+
+def gpt(value) -> dict:
+    return {"image": "0.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": value}]}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["null caption", "int caption", "list for an object", "latin-1", "empty set", "no short_caption", "no {}"],
+)
+def test_each_malformed_benchmark_file_is_one_line(tiny_clip, tmp_path, capsys, case):
+    from recaption.cli import main
+
+    make_scene(0, size=48).image.save(tmp_path / "0.jpg")
+    if case == "null caption":
+        section = share4v(tmp_path / "s.json", [gpt(None)])
+    elif case == "int caption":
+        section = share4v(tmp_path / "s.json", [gpt(7)])
+    elif case == "list for an object":
+        section = share4v(tmp_path / "s.json", [[gpt("a caption.")]])
+    elif case == "latin-1":
+        section = share4v(tmp_path / "s.json", [gpt("a café.")], encoding="latin-1")
+    elif case == "empty set":
+        section = share4v(tmp_path / "s.json", [])
+    elif case == "no short_caption":
+        root = tmp_path / "dci" / "densely_captioned_images"
+        (root / "annotations").mkdir(parents=True)
+        (root / "photos").mkdir()
+        (root / "splits.json").write_text(json.dumps({"test": ["a.json"]}))
+        (root / "annotations" / "a.json").write_text(json.dumps({"image": "0.jpg", "extra_caption": "x."}))
+        section = {"format": "dci", "path": str(tmp_path / "dci"), "text": "short"}
+    else:
+        write_colour_folder(tmp_path / "colours")
+        section = {"format": "image-folder", "path": str(tmp_path / "colours"), "templates": ["a photo"]}
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(tiny_clip)}, "sets": [section]}))
+    assert main(["eval", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert "sets[0]" in err[0] or str(tmp_path) in err[0]  # names the set or its file

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     data = write_train_split(root / "data", 24)
     eval_yaml = root / "eval.yaml"
     eval_yaml.write_text(yaml.safe_dump({"sets": EVAL_SETS, "batch_size": 8, "ks": [1, 5]}))
-    raw = arm_config("long-k2", data, root / "run", steps=4, seed=0, batch_size=8)
+    raw = arm_config("corners", data, root / "run", steps=4, seed=0, batch_size=8)
     raw["eval"] = {"config": str(eval_yaml), "every": 2, "text_slot": "mean"}
     summary = run_training(load_train_config(None, data=raw), progress=False)
     return root / "run", eval_yaml, summary
@@ -51,7 +51,7 @@ def test_eval_config_path_is_made_absolute_and_eval_needs_a_period(trained, tmp_
     run_dir, eval_yaml, _ = trained
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["eval"]["config"] == str(eval_yaml) and saved["run"]["eval_every"] == 2
-    raw = arm_config("short", run_dir, tmp_path / "run", steps=4, seed=0, batch_size=8)
+    raw = arm_config("none", run_dir, tmp_path / "run", steps=4, seed=0, batch_size=8)
     raw["eval"] = {"config": str(eval_yaml)}
     with pytest.raises(ConfigError, match="eval.every"):
         load_train_config(None, data=raw)
@@ -64,7 +64,7 @@ def test_export_loads_as_an_eval_model_and_matches_the_live_model(trained, tmp_p
     scenes = [make_scene(i, size=64) for i in range(3)]
     images = encoder.encode_images([s.image for s in scenes])
     texts = encoder.encode_texts([s.long_caption for s in scenes] + ["a red circle"])
-    assert images.shape == (3, 32) and texts.shape == (4, 32)
+    assert images.shape == (3, 64) and texts.shape == (4, 64)
     torch.testing.assert_close(images.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(texts.norm(dim=-1), torch.ones(4))
     # A text's embedding does not depend on the batch it came in (padding is masked).

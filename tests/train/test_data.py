@@ -71,6 +71,27 @@ def test_batch_layout_shapes_and_text_groups(caption_output, tmp_path, tokenizer
     assert (batch["long_ids"][:, 0] == tokenizer.cls_token_id).all()
 
 
+def test_batches_name_identical_texts_with_equal_ids(caption_output, tmp_path, tokenizer):
+    """The loss masks identical texts by these ids: equal exactly when the strings are (many scenes share a short
+    caption such as `a red circle`)."""
+    from recaption.train.data import text_ids
+
+    cfg = tiny_config(caption_output, tmp_path, "loss.short=1", "data.shuffle_buffer=1", "run.batch_size=16")
+    loader = Batches(cfg, tokenizer)
+    batch = next(iter(loader))
+    loader.close()
+    ids = batch["text_ids"]
+    assert ids["short"].shape == (16,) and ids["subs"].shape == (16, cfg.sampling.num_sub_captions)
+    assert ids["long"].shape == (16,)
+    shorts = tokenizer.batch_decode(batch["short_ids"][:16], skip_special_tokens=True)
+    for i in range(16):
+        for j in range(16):
+            assert (shorts[i] == shorts[j]) == bool(ids["short"][i] == ids["short"][j])
+    assert len(set(shorts)) < 16  # the case that matters: this batch does repeat a short caption
+    torch.testing.assert_close(text_ids([["a red circle", "x"]]), text_ids([["a red circle", "x"]]))
+    assert text_ids([["a"], ["b"]])[0, 0] != text_ids([["a"], ["b"]])[1, 0]
+
+
 def test_load_image_is_clip_normalised_and_square():
     from tests.data import make_image
 

@@ -24,12 +24,20 @@ def first_step_loss(cfg, tokenizer, batches: list[dict]) -> float:
     for key in TENSOR_KEYS:  # texts are padded per batch: pad to the longest before joining
         parts = [b[key] for b in batches]
         width = max(p.shape[-1] for p in parts)
-        inputs[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) if p.ndim == 2 else p
-                                 for p in parts])  # fmt: skip
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) if p.ndim == 2 else p for p in parts]
+        if key.startswith("short"):  # one worker's rows are [its shorts, its sub-captions]: join group by group
+            groups, start = [], 0
+            for _, n in batches[0]["layout"]:
+                size = len(batches[0]["keys"]) * n
+                groups += [p[start : start + size] for p in parts]
+                start += size
+            parts = groups
+        inputs[key] = torch.cat(parts)
     with torch.no_grad():
         out = model(**inputs)
         out.update(split_texts(out.pop("short_all"), batches[0]["layout"], len(inputs["pixel_values"])))
-        return compute_losses(out, cfg.loss)["loss"].item()
+        ids = {k: torch.cat([b["text_ids"][k] for b in batches]) for k in batches[0]["text_ids"]}
+        return compute_losses(out, cfg.loss, ids)["loss"].item()
 
 
 def test_two_ray_train_workers_train_on_the_global_batch(caption_output, tmp_path, ray_session):

@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 def chance_loss(cfg) -> float:
     """The total loss of a model that cannot tell the batch's images apart (every softmax uniform)."""
     b, k, w = cfg.run.batch_size, cfg.sampling.num_sub_captions, cfg.loss
-    multi = (math.log(b) + math.log(b * k)) / 2
-    return w.long * math.log(b) + w.short * math.log(b) + w.multi_positive * multi + w.grouping * math.log(b * k)
+    # Per slot (LoTLIP/DreamLIP): every text slot's InfoNCE is log b at chance; the slots' weighted mean.
+    slots = [(w.long, cfg.model.text.num_corners + 1), (w.short, 1), (w.multi_positive, k)]
+    per_slot = math.log(b) * sum(weight * n for weight, n in slots) / sum(n for weight, n in slots if weight)
+    return per_slot + w.grouping * math.log(b * k)
 
 
 def test_tiny_model_learns_on_a_pipeline_output_and_exports(caption_output, tmp_path):
@@ -94,7 +96,7 @@ def test_bf16_autocast_with_accumulation_and_a_refused_resume(caption_output, tm
     assert all(math.isfinite(h["loss"]) for h in summary["history"]) and summary["step"] == 3
     assert summary["history"][0]["global_batch"] == cfg.run.batch_size  # accumulation does not widen the negatives
     changed = tiny_config(caption_output, tmp_path, "run.steps=4", "model.embed_dim=24")
-    with pytest.raises(ConfigError, match="another model config"):
+    with pytest.raises(ConfigError, match="model.embed_dim 32 → 24"):
         run_training(changed, progress=False)
 
 

@@ -62,6 +62,19 @@ def test_forward_shapes_normalised_embeddings_and_scales(tokenizer):
     assert not torch.allclose(out["branches"][:, 0], out["branches"][:, 1])
 
 
+def test_models_differing_only_in_corners_start_from_the_same_shared_weights(tokenizer):
+    """Ablation arms are paired: the same seed gives K=0 and K=2 the same weights wherever both have them."""
+    states = {}
+    for k in (0, 2):
+        torch.manual_seed(0)
+        cfg = ModelConfig.model_validate({**TINY, "text": {**TINY["text"], "num_corners": k}})
+        states[k] = build_model(cfg, len(tokenizer), tokenizer.pad_token_id).state_dict()
+        states[k]["after"] = torch.rand(3)  # what the caller draws next does not depend on K either
+    assert set(states[2]) - set(states[0]) == {"text.corners"}
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[2][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_export_round_trip_and_pretrained_starts(tokenizer, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg(num_class_tokens=2)

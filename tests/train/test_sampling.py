@@ -47,7 +47,7 @@ def test_same_seed_epoch_and_key_give_the_same_texts_and_epochs_differ():
 
 
 def test_k_sub_captions_come_from_the_chosen_long_caption_without_repeats_when_enough():
-    s = sampler(num_sub_captions=4)
+    s = sampler(num_sub_captions=4, sub_caption_pool="chosen")
     for i in range(30):
         texts = s.sample(row(f"k{i}"), epoch=i)
         assert len(texts.subs) == 4 and len(set(texts.subs)) == 4
@@ -120,7 +120,8 @@ def test_unknown_text_source_is_a_config_error():
 
 
 def test_pool_all_mixes_the_sub_captions_of_every_usable_long_caption():
-    chosen, pooled = sampler(num_sub_captions=4), sampler(num_sub_captions=4, sub_caption_pool="all")
+    chosen, pooled = sampler(num_sub_captions=4, sub_caption_pool="chosen"), sampler(num_sub_captions=4)
+    assert pooled.cfg.sub_caption_pool == "all"  # the default: DreamLIP's training/data.py pools all captions
     mixed = 0
     for i in range(40):
         r = row(f"k{i}")
