@@ -14,9 +14,11 @@ never from the URI stored anywhere.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-\d{8}$")  # the checkpoint directories a run writes (and may rotate away)
 CHECKPOINTS, LATEST = "checkpoints", "latest"
+OWNER_FILE = "_recaption.json"
 
 
 def is_remote(output: str) -> bool:
@@ -44,14 +47,14 @@ def staging_dir(output: str) -> Path:
 class RunStore:
     """A run's output: `local` is where the trainer writes; `remote` (an output on object storage) gets a copy."""
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str, local: str | Path | None = None) -> None:
         self.output = output
         self.shown = strip_credentials(output)
         self.remote = is_remote(output)
         if self.remote:
             self.fs, self.root = resolve(output)
             self.root = self.root.rstrip("/")
-            self.local = staging_dir(output)
+            self.local = Path(local) if local is not None else staging_dir(output)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(output).resolve())
             self.local = Path(self.root)
@@ -70,8 +73,11 @@ class RunStore:
         remote is the truth: a staging copy from another machine's run may be older)."""
         if not self.remote:
             return
+        remote_files = self._list("")
+        if not remote_files and self.local.exists():
+            shutil.rmtree(self.local)  # our own cache copy of a run that is no longer there: start clean
         self.local.mkdir(parents=True, exist_ok=True)
-        for info in self._list(""):
+        for info in remote_files:
             rel = info.path[len(self.root) + 1 :]
             if rel.startswith(CHECKPOINTS + "/"):
                 continue  # only the latest checkpoint, below
@@ -82,6 +88,22 @@ class RunStore:
                 self._download(info.path[len(self.root) + 1 :], info)
             self._write_local(f"{CHECKPOINTS}/{LATEST}", latest.encode())
             log.info("training output %s: latest checkpoint %s brought to %s", self.shown, latest, self.local)
+        else:  # no checkpoint there: none of the staging copy's may be resumed from
+            (self.local / CHECKPOINTS / LATEST).unlink(missing_ok=True)
+
+    def read_owner(self) -> dict | None:
+        """The output's ownership record (`_recaption.json`), {} when unreadable, None when it has none."""
+        text = self._read_text(OWNER_FILE) if self.remote else None
+        if not self.remote:
+            path = self.local / OWNER_FILE
+            text = path.read_text() if path.is_file() else None
+        if text is None:
+            return None
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            return {}
+        return owner if isinstance(owner, dict) else {}
 
     # -- local → object storage -------------------------------------------------------------------------------------
 

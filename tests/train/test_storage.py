@@ -91,3 +91,53 @@ def test_staging_dirs_differ_by_place_not_by_options(uri):
     path, _, query = uri.partition("?")
     assert staging_dir(uri) != staging_dir(path + "x" + ("?" + query if query else ""))
     assert staging_dir(uri) == staging_dir(path + "?scheme=http")
+
+
+def test_training_on_object_storage_resumes_elsewhere_to_the_same_weights(caption_output, s3_endpoint, tmp_path):
+    """`run.output: s3://…`: a run killed after its first checkpoint's upload resumes on a machine without its
+    staging copy and ends with the weights of an uninterrupted local run; the output holds the whole run."""
+    import os
+
+    import torch
+
+    from recaption.train.run import run_training
+    from tests.train.conftest import tiny_config
+    from tests.train.test_loop import train_until_fault
+
+    uri = f"s3://bucket/runs/tiny?{s3_endpoint}"
+    overrides = ["run.steps=14", "run.checkpoint_every=5", "run.keep_checkpoints=2", "data.shuffle_buffer=16"]
+    os.environ["RECAPTION_CACHE"], saved = str(tmp_path / "machine-a"), os.environ.get("RECAPTION_CACHE")
+    try:
+        train_until_fault("train:after-upload", f"data.path={caption_output}", f"run.output={uri}", *overrides)
+        store = RunStore(uri)
+        assert store._read_text("checkpoints/latest") == "step-00000005"
+        os.environ["RECAPTION_CACHE"] = str(tmp_path / "machine-b")  # a resume on another machine
+        resumed = run_training(tiny_config(caption_output, uri, *overrides), progress=False)
+    finally:
+        os.environ["RECAPTION_CACHE"] = saved or ""
+    straight = run_training(tiny_config(caption_output, tmp_path / "straight", *overrides), progress=False)
+    assert [h["step"] for h in resumed["history"]] == list(range(6, 15))
+    assert resumed["export"] == "s3://bucket/runs/tiny/final"
+    remote = _remote_files(store.fs, store.root)
+    assert {"_recaption.json", "config.yaml", "metrics.jsonl", "summary.json", "checkpoints/latest"} <= remote
+    assert any(f.startswith("final/") for f in remote) and any(f.startswith("tokenizer/") for f in remote)
+    assert {f.split("/")[1] for f in remote if f.startswith("checkpoints/step-")} == {"step-00000010", "step-00000014"}
+    with store.fs.open_input_stream(f"{store.root}/checkpoints/step-00000014/model.pt") as f:
+        a = torch.load(__import__("io").BytesIO(f.read()), weights_only=True)
+    b = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000014" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["history"][-1]["loss"] == pytest.approx(resumed["history"][-1]["loss"])
+
+
+def test_a_foreign_prefix_is_refused_untouched(caption_output, s3_endpoint):
+    from recaption.errors import ConfigError
+    from recaption.train.run import run_training
+    from tests.train.conftest import tiny_config
+
+    uri = f"s3://bucket/someone/else?{s3_endpoint}"
+    store = RunStore(uri)
+    with store.fs.open_output_stream(f"{store.root}/data.csv") as f:
+        f.write(b"a,b\n")
+    with pytest.raises(ConfigError, match="not empty and is not a training run"):
+        run_training(tiny_config(caption_output, uri, "run.steps=2"), progress=False)
+    assert _remote_files(store.fs, store.root) == {"data.csv"}
