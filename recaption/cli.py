@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def add_report_to(parser: argparse.ArgumentParser) -> None:
+def add_report_to(parser: argparse.ArgumentParser, where: str = "the output's _tracking/") -> None:
     parser.add_argument(
         "--report-to",
         default=None,
         metavar="TRACKERS",
         help="also send progress figures to tensorboard, wandb or both (comma-separated; optional extras "
-        "recaption[tensorboard], recaption[wandb]); files go under the output's _tracking/",
+        f"recaption[tensorboard], recaption[wandb]); files go under {where}",
     )
 
 
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="train YAML, e.g. pipelines/train-tiny.yaml")
     add_overrides(train, "data.path=/data/captions")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_report_to(train, "RUN/tracking/")
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser(
@@ -298,9 +299,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from recaption.tracking import parse_report_to
     from recaption.train.run import train_command
 
-    return train_command(args.config, args.overrides, progress=not args.no_progress)
+    report_to = parse_report_to(args.report_to)
+    return train_command(args.config, args.overrides, progress=not args.no_progress, report_to=report_to)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

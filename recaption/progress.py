@@ -44,6 +44,7 @@ class Progress:
         output: Any = None,
         clock=time.monotonic,
         trackers: list | None = None,
+        track_updates: bool = True,
     ) -> None:
         self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
         self.done = initial
@@ -62,6 +63,7 @@ class Progress:
         self.write_failed = False
         self.engines = EngineView()
         self.trackers = list(trackers or [])  # recaption.tracking: TensorBoard, W&B
+        self.track_updates = track_updates  # False: only `log_scalars` reaches them (a trainer logs its records)
         self.bar = None
         if enabled and self.tty:
             from tqdm import tqdm
@@ -111,9 +113,23 @@ class Progress:
         self._write_state(finished=False)
         self._track()
 
+    def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Numbers that are not part of the view (a trainer's eval metrics, its grad norm) to every tracker."""
+        if not self.trackers:
+            return
+        from recaption.tracking import scalars
+
+        figures = scalars(values, self.desc)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(step, figures)
+            except Exception as e:
+                log.warning("%s: stopped reporting to it: %s", type(tracker).__name__, e)
+                self.trackers.remove(tracker)
+
     def _track(self) -> None:
         """The numbers of this update to every tracker, at step `done` (a tracker that fails is dropped, once)."""
-        if not self.trackers:
+        if not self.trackers or not self.track_updates:
             return
         from recaption.tracking import scalars
 

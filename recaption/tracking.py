@@ -127,21 +127,20 @@ class WandbTracker:
 
 
 def scalars(state: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """The finite numbers of a progress snapshot (nested engine figures flattened), named `prefix/key`."""
+    """The finite numbers of a progress snapshot or a metrics record, nested mappings flattened (`engines` →
+    `engine/<model>/<figure>`, an eval's `{"long": {"i2t_r1": …}}` → `long/i2t_r1`), named `prefix/key`."""
     out: dict[str, float] = {}
     skip = {"done", "total", "initial", "started_at", "updated_at", "eta_s"}
 
     def put(key: str, value: Any) -> None:
-        if isinstance(value, bool) or key in skip:
-            return
-        if isinstance(value, int | float) and math.isfinite(value):
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                put(f"{key}/{k}", v)
+        elif not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value):
             out[f"{prefix}/{key}"] = float(value)
 
     for key, value in state.items():
-        if key == "engines" and isinstance(value, Mapping):
-            for model, figures in value.items():
-                for name, figure in (figures or {}).items():
-                    put(f"engine/{model}/{name}", figure)
-        elif not isinstance(value, Mapping | list):
-            put(key, value)
+        if key in skip or key in ("errors", "error_kinds"):
+            continue
+        put("engine" if key == "engines" else key, value)
     return out

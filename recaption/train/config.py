@@ -161,6 +161,11 @@ class RunConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = Field(True, description="Continue from the latest checkpoint in `output` if there is one")
+    mirror: str | None = Field(
+        None,
+        description="Set by recaption, not by hand: the object-storage run.output that this local staging "
+        "directory (`output`) is copied to",
+    )
 
 
 class DistributedConfig(Strict):

@@ -13,12 +13,15 @@ from pathlib import Path
 import torch
 
 from recaption.errors import TrainingError
+from recaption.faults import fault_point
 from recaption.progress import Progress
+from recaption.tracking import make_trackers
 from recaption.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recaption.train.config import TrainConfig
 from recaption.train.data import Batches, DataState, prefetch, row_report
 from recaption.train.losses import compute_losses, split_texts
 from recaption.train.model import ContrastiveModel, build_model, save_pretrained
+from recaption.train.storage import RunStore
 from recaption.train.tokenizer import load_tokenizer
 
 EvalHook = Callable[[ContrastiveModel, object, int], dict]
@@ -33,6 +36,7 @@ def train(
     device: torch.device | None = None,
     eval_hook: EvalHook | None = None,
     progress: bool = True,
+    report_to: list[str] | None = None,
 ) -> dict:
     """Train as `cfg` says from `<run.output>/tokenizer` (see run.prepare_run), resuming from its latest checkpoint;
     returns a summary. With world > 1 a torch.distributed process group must already exist (Ray Train makes it)."""
@@ -71,7 +75,15 @@ def train(
         log(main, f"data: {rows['trainable']} of {rows['rows']} rows trainable; skipped {reasons}")
     batches = prefetch(iter(loader))
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
-    bar = Progress.for_steps(cfg.run.steps, initial=step, enabled=progress and main)
+    # An output on object storage (run.mirror) gets each checkpoint as it is saved, and the rest at the end.
+    store = RunStore(cfg.run.mirror, local=run_dir) if cfg.run.mirror and main else None
+    trackers = (
+        make_trackers(report_to or [], run_dir / "tracking", run_dir.name, cfg.resolved(), "train") if main else []
+    )
+    # Trackers get each metrics record (loss, lr, grad norm, samples/s, eval metrics) at its step, not every update.
+    bar = Progress.for_steps(
+        cfg.run.steps, initial=step, enabled=progress and main, trackers=trackers, track_updates=False
+    )
     accum, micro_batch = cfg.run.grad_accum, cfg.run.batch_size
     history: list[dict] = []
     bad_steps = 0  # consecutive fp16 steps the scaler skipped
@@ -139,10 +151,14 @@ def train(
                 with torch.no_grad():
                     write_metrics(metrics, {"step": step, **eval_hook(model, tokenizer, step)}, bar)
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
-                save_checkpoint(
+                saved = save_checkpoint(
                     run_dir, step, model, optimizer, scheduler, scaler, data_state, cfg.model_hash(),
                     rank, world, cfg.run.keep_checkpoints,
                 )  # fmt: skip
+                if store is not None and saved is not None:
+                    store.push("metrics.jsonl", "tracking")
+                    store.push_checkpoint(saved)
+                    fault_point("train:after-upload")
     finally:
         batches.close()
         loader.close()
@@ -158,6 +174,9 @@ def train(
     if main:
         summary["export"] = str(quiet_export(model, tokenizer, run_dir / "final", cfg))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if store is not None:
+            store.push("metrics.jsonl", "tracking", "final", "summary.json")
+            summary["export"] = f"{store.shown.split('?', 1)[0].rstrip('/')}/final"
     return summary
 
 
@@ -234,6 +253,7 @@ def write_metrics(file, record: dict, bar) -> None:
         return
     file.write(json.dumps(record) + "\n")
     file.flush()
+    bar.log_scalars(record.get("step", bar.done), {k: v for k, v in record.items() if k != "step"})
     shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
     bar.write(shown)
 
