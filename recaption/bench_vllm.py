@@ -6,13 +6,14 @@ of a pipeline YAML, its first prompt), each repeat interleaved with the others (
 * bare: ONE `vllm.LLM.generate` call over all the images (decoded before the clock), in a process of its own that
   keeps its engine between repeats (on a GPU it is started anew for each repeat, so that the pipeline's engine has
   the GPU's memory while it runs): the engine's limit, one batch that stays full until the last request drains;
-* ours: the pipeline (read, decode, caption, commit) on several units per engine, its steady rate (a run of one unit
-  per engine subtracted, so the engine's start cancels out);
-* peer: the same job as a user would write it with `ray.data.llm`: `read_webdataset`, a decode `map`,
-  `build_processor(vLLMEngineProcessorConfig(...))` with the same engine arguments and sampling, `write_parquet`,
-  steady rate the same way. On a small machine its defaults deadlock (every stage asks for a whole CPU while the
-  engine's actor holds one): each stage that is not the engine gets a fraction of a CPU, and the engine's metrics
-  export is off (it needs a Prometheus port).
+* ours: the pipeline (read, decode, caption, commit) on several units per engine; its steady rate is the images
+  committed after the first unit over the time from that commit to the last (the engine's start and the first
+  unit's trip are left out, the drain at the end stays in);
+* peer: the same job as a user would write it with `ray.data.llm`: `read_webdataset`, a decode in the preprocess
+  `map`, `build_processor(vLLMEngineProcessorConfig(...))` with the same engine arguments and sampling, each output
+  block written as Parquet as it arrives; steady rate the same way (rows after the first block). On a small machine
+  its defaults deadlock (every stage asks for a whole CPU while the engine's actor holds one): each stage that is
+  not the engine gets a fraction of a CPU, and the engine's metrics export is off (it needs a Prometheus port).
 
 Then k prompts per image against one, through the engine runner the caption stage uses (the prompts of one image
 enter together, the first one's prefill is cached for the others), with vLLM's prefix-cache hit rate as the runner
@@ -26,6 +27,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +82,11 @@ def bench_engine_vllm(
         if units < 2 * engines:
             raise ConfigError(f"the vllm bench needs at least two units per engine ({units} units, {engines} engines)")
         timings, bare_runs, peer_runs = [], [], []
-        short = 0 if sizes.is_quick else engines  # --quick: whole runs (too short to subtract one from another)
 
         def ours() -> float:
-            timing = timed_pipeline(cfg, short_units=short, warm_up=False)
+            timing = windowed_pipeline(cfg)
             timings.append(timing)
-            return timing.marginal_images_per_s / divisor
+            return timing.rate / divisor
 
         def bare_loop() -> float:
             seconds, images, tokens = bare.call(_bare_generate)
@@ -93,9 +94,9 @@ def bench_engine_vllm(
             return images / seconds  # one engine
 
         def peer() -> float:
-            rate = peer_rate(cfg, root, short_units=short)
-            peer_runs.append(rate)
-            return rate / divisor
+            timing = _peer_run(cfg, root / "peer")
+            peer_runs.append(timing)
+            return timing.rate / divisor
 
         if not sizes.is_quick:  # Ray's workers start and import once, as in any long run
             _run_once(short_config(cfg, engines))
@@ -104,14 +105,16 @@ def bench_engine_vllm(
         prompt_runs = bench_prompts(bare, k_prompts, sizes.prompt_images, sizes.repeats)
     per = "GPU" if gpus else "engine"
     where = f"{gpus} GPUs" if gpus else f"{engines} engine(s) on CPU"
-    last = timings[-1]
+    last = timings[-1].timing
     tokens_per_image = sum(r[2] for r in bare_runs) / max(sum(r[1] for r in bare_runs), 1)
     engine = last.engine.get(model_cfg.id, {})
     result.add(
         compared(
             f"vllm pipeline ({model_cfg.id})", f"images/s/{per}", values["ours"], values["bare"], ">= 0.95",
-            f"{units} units of {sizes.vllm_unit_size} images of {sizes.image_side}px through {where}, steady rate (a "
-            f"run of {short} unit(s) subtracted), engine busy {engine.get('busy', 0):.2f} in the last run; bare "
+            f"{units} units of {sizes.vllm_unit_size} images of {sizes.image_side}px through {where}; steady rate: "
+            f"images committed after the first unit over the time from its commit to the last one (whole run incl. "
+            f"start-up: median {median([t.whole_rate for t in timings]):.3g} images/s); engine busy "
+            f"{engine.get('busy', 0):.2f} in the last run; bare "
             f"loop: ONE vllm.LLM.generate over all {bare_runs[-1][1]} images (decoded before the clock), same engine "
             f"arguments and sampling, {tokens_per_image:.1f} generated tokens per image",
         )
@@ -121,8 +124,10 @@ def bench_engine_vllm(
             f"vllm pipeline vs ray.data.llm ({model_cfg.id})", f"images/s/{per}", values["ours"], values["peer"],
             ">= 1.0",
             "the same images, engine arguments and sampling through ray.data.llm (read_webdataset, a decode map, "
-            "build_processor with vLLMEngineProcessorConfig, write_parquet), steady rate the same way; its stages "
-            "other than the engine get 0.25 CPU each (with its defaults it deadlocks on 2 CPUs)",
+            "build_processor with vLLMEngineProcessorConfig, each output block written as Parquet as it arrives), "
+            "steady rate the same way (rows after the first block over the time from it to the last; whole run incl. "
+            f"start-up: median {median([t.whole_rate for t in peer_runs]):.3g} images/s); its stages other than the "
+            "engine get 0.25 CPU each (with its defaults it deadlocks on 2 CPUs)",
         )
     )  # fmt: skip
     add_prompt_measurements(result, prompt_runs, model_cfg.id, len(k_prompts))
@@ -337,27 +342,47 @@ def add_prompt_measurements(result: BenchResult, runs: dict[str, list[dict]], mo
 # ---------------------------------------------------------------- the peer: ray.data.llm
 
 
-def peer_rate(cfg, root: Path, short_units: int) -> float:
-    """ray.data.llm's steady images/s on the bench's tars: (all - first `short_units` tars) images over the
-    difference of the two runs' seconds."""
-    from recaption.shards.plan import plan_units
+@dataclass
+class Window:
+    """A run's outputs as they arrived: (seconds since the start, rows) each; the steady rate is the rows after the
+    first output over the time from it to the last, so start-up (engine load, the first batch's trip through every
+    stage) is left out, while the drain at the end stays in."""
 
-    tars = sorted({u.uri for u in plan_units(cfg.input)})
-    s_seconds, s_images = _peer_run(cfg, tars[:short_units], root / "peer-short") if short_units else (0.0, 0)
-    seconds, images = _peer_run(cfg, tars, root / "peer")
-    if seconds > s_seconds and images > s_images:
-        return (images - s_images) / (seconds - s_seconds)
-    return images / seconds
+    seconds: float
+    arrivals: list[tuple[float, int]]
+    timing: Any = None
+
+    @property
+    def rate(self) -> float:
+        if len(self.arrivals) < 2 or self.arrivals[-1][0] <= self.arrivals[0][0]:
+            return self.whole_rate
+        rows = sum(n for _, n in self.arrivals[1:])
+        return rows / (self.arrivals[-1][0] - self.arrivals[0][0])
+
+    @property
+    def whole_rate(self) -> float:
+        return sum(n for _, n in self.arrivals) / self.seconds if self.seconds else 0.0
 
 
-def _peer_run(cfg, tars: list[str], out: Path) -> tuple[float, int]:
-    import pyarrow.dataset as pads
+def windowed_pipeline(cfg) -> Window:
+    """One pipeline run on the current Ray; each unit's commit time and rows."""
+    arrivals: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    timing = timed_pipeline(cfg, short_units=0, warm_up=False, on_unit=lambda row: arrivals.append(
+        (time.perf_counter() - start, int(row.get("rows") or 0))))  # fmt: skip
+    return Window(time.perf_counter() - start, arrivals, timing)
+
+
+def _peer_run(cfg, out: Path) -> Window:
+    """The job through ray.data.llm; each output block written as Parquet as it arrives, its time and rows kept."""
+    import pyarrow.parquet as pq
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from recaption.engines.vllm import engine_args, sampling_kwargs
     from recaption.models import resolve_model
     from recaption.prompts import format_prompt, get_prompt
+    from recaption.shards.plan import plan_units
 
     model = cfg.models[0]
     info = resolve_model(model.path, model.family, model.revision)
@@ -401,9 +426,13 @@ def _peer_run(cfg, tars: list[str], out: Path) -> tuple[float, int]:
         config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=small,
         postprocess_map_kwargs=small,
     )  # fmt: skip
+    tars = sorted({u.uri for u in plan_units(cfg.input)})
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    arrivals: list[tuple[float, int]] = []
     start = time.perf_counter()
-    ds = ray.data.read_webdataset(tars, decoder=None, ray_remote_args=small)
-    processor(ds).write_parquet(str(out), ray_remote_args=small)
-    seconds = time.perf_counter() - start
-    return seconds, pads.dataset(str(out), format="parquet").count_rows()
+    ds = processor(ray.data.read_webdataset(tars, decoder=None, ray_remote_args=small))
+    for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        pq.write_table(batch, out / f"part-{i:05d}.parquet")
+        arrivals.append((time.perf_counter() - start, batch.num_rows))
+    return Window(time.perf_counter() - start, arrivals)
