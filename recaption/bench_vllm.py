@@ -6,12 +6,14 @@ of a pipeline YAML, its first prompt), each repeat interleaved with the others (
 * bare: ONE `vllm.LLM.generate` call over all the images (decoded before the clock), in a process of its own that
   keeps its engine between repeats (on a GPU it is started anew for each repeat, so that the pipeline's engine has
   the GPU's memory while it runs): the engine's limit, one batch that stays full until the last request drains;
-* ours: the pipeline (read, decode, caption, commit) on several units per engine; its steady rate is the images
-  committed after the first unit over the time from that commit to the last (the engine's start and the first
-  unit's trip are left out, the drain at the end stays in);
+* ours: the pipeline (read, decode, caption, commit) on several units per engine; its steady rate is the engine
+  runner's completed requests after an actor's first unit over the actor's clock from then to its last unit (the
+  engine's start and the first unit's trip are left out, the drain at the end stays in). Times are taken where the
+  work is done: the driver sees outputs in bursts, so their arrival there says little;
 * peer: the same job as a user would write it with `ray.data.llm`: `read_webdataset`, a decode in the preprocess
   `map`, `build_processor(vLLMEngineProcessorConfig(...))` with the same engine arguments and sampling, each output
-  block written as Parquet as it arrives; steady rate the same way (rows after the first block). On a small machine
+  block written as Parquet as it arrives; steady rate the same way (each row stamped in its postprocess: those after
+  the first quarter over the time from then to the last). On a small machine
   its defaults deadlock (every stage asks for a whole CPU while the engine's actor holds one): each stage that is
   not the engine gets a fraction of a CPU, and the engine's metrics export is off (it needs a Prometheus port).
 
@@ -22,6 +24,7 @@ reports it (what the progress line shows) and as expected from the prompts' toke
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -89,9 +92,9 @@ def bench_engine_vllm(
             return timing.rate / divisor
 
         def bare_loop() -> float:
-            seconds, images, tokens = bare.call(_bare_generate)
+            seconds, images, tokens, rate = bare.call(_bare_generate)
             bare_runs.append((seconds, images, tokens))
-            return images / seconds  # one engine
+            return rate  # one engine
 
         def peer() -> float:
             timing = _peer_run(cfg, root / "peer")
@@ -112,11 +115,12 @@ def bench_engine_vllm(
         compared(
             f"vllm pipeline ({model_cfg.id})", f"images/s/{per}", values["ours"], values["bare"], ">= 0.95",
             f"{units} units of {sizes.vllm_unit_size} images of {sizes.image_side}px through {where}; steady rate: "
-            f"images committed after the first unit over the time from its commit to the last one (whole run incl. "
-            f"start-up: median {median([t.whole_rate for t in timings]):.3g} images/s); engine busy "
+            f"the engine runner's completions after an actor's first unit over its clock from then to its last unit "
+            f"(whole run incl. start-up: median {median([t.whole_rate for t in timings]):.3g} images/s); engine busy "
             f"{engine.get('busy', 0):.2f} in the last run; bare "
             f"loop: ONE vllm.LLM.generate over all {bare_runs[-1][1]} images (decoded before the clock), same engine "
-            f"arguments and sampling, {tokens_per_image:.1f} generated tokens per image",
+            f"arguments, sampling and threads, its steady rate from the requests' finish times the same way (whole "
+            f"call: median {median([n / t for t, n, _ in bare_runs]):.3g} images/s), {tokens_per_image:.1f} generated tokens per image",
         )
     )  # fmt: skip
     result.add(
@@ -125,7 +129,8 @@ def bench_engine_vllm(
             ">= 1.0",
             "the same images, engine arguments and sampling through ray.data.llm (read_webdataset, a decode map, "
             "build_processor with vLLMEngineProcessorConfig, each output block written as Parquet as it arrives), "
-            "steady rate the same way (rows after the first block over the time from it to the last; whole run incl. "
+            "steady rate the same way (rows stamped in its postprocess: those after the first quarter over the time "
+            "from then to the last; whole run incl. "
             f"start-up: median {median([t.whole_rate for t in peer_runs]):.3g} images/s); its stages other than the "
             "engine get 0.25 CPU each (with its defaults it deadlocks on 2 CPUs)",
         )
@@ -188,6 +193,9 @@ def _bare_load(cfg_dict: dict) -> None:
     cfg = PipelineConfig.model_validate(cfg_dict)
     model = cfg.models[0]
     os.environ.update(model.env)  # what the pipeline sets in its actors (e.g. the CPU build's KV cache size)
+    # As Ray sets it in an actor that reserves num_cpus CPUs: the CPU build's engine runs that many threads (more
+    # threads than the actor's on a loaded machine would measure thread contention, not the engine).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(model.num_cpus))))
     from recaption.engines.vllm import VLLMCaptioner
     from recaption.images import decode_image
     from recaption.prompts import get_prompt
@@ -201,9 +209,10 @@ def _bare_load(cfg_dict: dict) -> None:
     _bare_generate(images[:8])
 
 
-def _bare_generate(images: list | None = None) -> tuple[float, int, int]:
+def _bare_generate(images: list | None = None) -> tuple[float, int, int, float]:
     """ONE `LLM.generate` over every image with the pipeline's prompt and per-request sampling parameters: seconds,
-    images, generated tokens."""
+    images, generated tokens, and the steady rate from the requests' finish times in the engine (those after the
+    first quarter over the time from then to the last, as for the pipeline and the peer)."""
     from recaption.engines.vllm import sampling_params
 
     captioner, model = _BARE["captioner"], _BARE["model"]
@@ -214,7 +223,9 @@ def _bare_generate(images: list | None = None) -> tuple[float, int, int]:
     start = time.perf_counter()
     outputs = captioner.llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return seconds, len(images), sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    done = [out.metrics.last_token_ts for out in outputs if getattr(out, "metrics", None) is not None]
+    rate = completion_rate(done, seconds) if len(done) == len(outputs) else len(images) / seconds
+    return seconds, len(images), sum(len(c.token_ids) for out in outputs for c in out.outputs), rate
 
 
 def _bare_prompts(prompt_names: list[str], n_images: int) -> dict[str, float]:
@@ -344,33 +355,51 @@ def add_prompt_measurements(result: BenchResult, runs: dict[str, list[dict]], mo
 
 @dataclass
 class Window:
-    """A run's outputs as they arrived: (seconds since the start, rows) each; the steady rate is the rows after the
-    first output over the time from it to the last, so start-up (engine load, the first batch's trip through every
-    stage) is left out, while the drain at the end stays in."""
+    """Completion times taken where the work is done (never where the driver happens to see outputs, which Ray
+    hands over in bursts). The steady rate is the completions after the first quarter (the pipeline: after each
+    actor's first unit) over the time from then to the last one: the engine's start and the first batch's trip are
+    left out, the drain at the end stays in."""
 
-    seconds: float
-    arrivals: list[tuple[float, int]]
+    seconds: float  # the whole run, start-up included
+    images: int
+    rate: float
     timing: Any = None
 
     @property
-    def rate(self) -> float:
-        if len(self.arrivals) < 2 or self.arrivals[-1][0] <= self.arrivals[0][0]:
-            return self.whole_rate
-        rows = sum(n for _, n in self.arrivals[1:])
-        return rows / (self.arrivals[-1][0] - self.arrivals[0][0])
-
-    @property
     def whole_rate(self) -> float:
-        return sum(n for _, n in self.arrivals) / self.seconds if self.seconds else 0.0
+        return self.images / self.seconds if self.seconds else 0.0
 
 
 def windowed_pipeline(cfg) -> Window:
-    """One pipeline run on the current Ray; each unit's commit time and rows."""
-    arrivals: list[tuple[float, int]] = []
+    """One pipeline run on the current Ray. Each caption actor reports, with every unit it passes on, its engine
+    runner's completed requests and its own clock: per actor, (requests at its last unit - at its first) / (clock
+    at its last unit - at its first), summed over actors (one prompt per image: requests are images)."""
+    model_id = cfg.models[0].id
+    points: dict[int, list[tuple[float, int]]] = {}
+
+    def on_unit(row: dict) -> None:
+        snap = json.loads(row.get("metrics") or "{}").get(model_id)
+        if snap:
+            points.setdefault(int(snap["actor"]), []).append((float(snap["wall_s"]), int(snap["requests"])))
+
     start = time.perf_counter()
-    timing = timed_pipeline(cfg, short_units=0, warm_up=False, on_unit=lambda row: arrivals.append(
-        (time.perf_counter() - start, int(row.get("rows") or 0))))  # fmt: skip
-    return Window(time.perf_counter() - start, arrivals, timing)
+    timing = timed_pipeline(cfg, short_units=0, warm_up=False, on_unit=on_unit)
+    seconds = time.perf_counter() - start
+    rate = 0.0
+    for pts in points.values():
+        pts.sort()
+        if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+            rate += (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+    return Window(seconds, timing.images, rate or timing.images / seconds, timing)
+
+
+def completion_rate(done_at: list[float], seconds: float) -> float:
+    """Completions after the first quarter over the time from then to the last one."""
+    done_at = sorted(done_at)
+    q = len(done_at) // 4
+    if len(done_at) < 2 or done_at[-1] <= done_at[q]:
+        return len(done_at) / seconds if seconds else 0.0
+    return (len(done_at) - 1 - q) / (done_at[-1] - done_at[q])
 
 
 def _peer_run(cfg, out: Path) -> Window:
@@ -420,7 +449,11 @@ def _peer_run(cfg, out: Path) -> Window:
         }
 
     def postprocess(row: dict) -> dict:
-        return {"key": row["key"], "caption": row["generated_text"], "n_tokens": row["num_generated_tokens"]}
+        import time
+
+        # done_at: when the row left the engine's stage (the bench's clock for the peer, taken where the work is)
+        return {"key": row["key"], "caption": row["generated_text"], "n_tokens": row["num_generated_tokens"],
+                "done_at": time.time()}  # fmt: skip
 
     processor = build_processor(
         config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=small,
@@ -429,10 +462,11 @@ def _peer_run(cfg, out: Path) -> Window:
     tars = sorted({u.uri for u in plan_units(cfg.input)})
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    arrivals: list[tuple[float, int]] = []
+    done_at: list[float] = []
     start = time.perf_counter()
     ds = processor(ray.data.read_webdataset(tars, decoder=None, ray_remote_args=small))
     for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
         pq.write_table(batch, out / f"part-{i:05d}.parquet")
-        arrivals.append((time.perf_counter() - start, batch.num_rows))
-    return Window(time.perf_counter() - start, arrivals)
+        done_at.extend(batch.column("done_at").to_pylist())
+    seconds = time.perf_counter() - start
+    return Window(seconds, len(done_at), completion_rate(done_at, seconds))
