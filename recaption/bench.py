@@ -415,7 +415,9 @@ def short_config(cfg, units: int):
     return short
 
 
-def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTiming:
+def timed_pipeline(
+    cfg, short_units: int, warm_up: bool = True, on_unit: Callable[[dict], None] | None = None
+) -> PipelineTiming:
     """Runs the pipeline on the current Ray on the first `short_units` units (twice when `warm_up`: the first warms
     up), then on all of them (fresh outputs). Their difference is the steady rate, without start-up (actors loading
     an engine, the first unit's trip through every stage), which a run of millions of images pays once.
@@ -428,13 +430,15 @@ def timed_pipeline(cfg, short_units: int, warm_up: bool = True) -> PipelineTimin
         s_seconds, s_images = _run_once(short)
     before, samples, rss, engine = cpu_seconds(), [], [0.0], {}
 
-    def on_unit(row: dict) -> None:
+    def seen(row: dict) -> None:
+        if on_unit is not None:
+            on_unit(row)
         samples.append(cpu_seconds())
         for model, snap in json.loads(row.get("metrics") or "{}").items():
             rss[0] = max(rss[0], float(snap.get("rss_mib", 0.0)))
             engine[model] = snap
 
-    seconds, images = _run_once(cfg, on_unit=on_unit)
+    seconds, images = _run_once(cfg, on_unit=seen)
     after = samples[-1] if samples else cpu_seconds()  # at the last commit, before the actors exit
     if seconds > s_seconds and images > s_images:
         marginal = (images - s_images) / (seconds - s_seconds)

@@ -6,13 +6,16 @@ of a pipeline YAML, its first prompt), each repeat interleaved with the others (
 * bare: ONE `vllm.LLM.generate` call over all the images (decoded before the clock), in a process of its own that
   keeps its engine between repeats (on a GPU it is started anew for each repeat, so that the pipeline's engine has
   the GPU's memory while it runs): the engine's limit, one batch that stays full until the last request drains;
-* ours: the pipeline (read, decode, caption, commit) on several units per engine, its steady rate (a run of one unit
-  per engine subtracted, so the engine's start cancels out);
-* peer: the same job as a user would write it with `ray.data.llm`: `read_webdataset`, a decode `map`,
-  `build_processor(vLLMEngineProcessorConfig(...))` with the same engine arguments and sampling, `write_parquet`,
-  steady rate the same way. On a small machine its defaults deadlock (every stage asks for a whole CPU while the
-  engine's actor holds one): each stage that is not the engine gets a fraction of a CPU, and the engine's metrics
-  export is off (it needs a Prometheus port).
+* ours: the pipeline (read, decode, caption, commit) on several units per engine; its steady rate is the engine
+  runner's completed requests after an actor's first unit over the actor's clock from then to its last unit (the
+  engine's start and the first unit's trip are left out, the drain at the end stays in). Times are taken where the
+  work is done: the driver sees outputs in bursts, so their arrival there says little;
+* peer: the same job as a user would write it with `ray.data.llm`: `read_webdataset`, a decode in the preprocess
+  `map`, `build_processor(vLLMEngineProcessorConfig(...))` with the same engine arguments and sampling, each output
+  block written as Parquet as it arrives; steady rate the same way (each row stamped in its postprocess: those after
+  the first quarter over the time from then to the last). On a small machine
+  its defaults deadlock (every stage asks for a whole CPU while the engine's actor holds one): each stage that is
+  not the engine gets a fraction of a CPU, and the engine's metrics export is off (it needs a Prometheus port).
 
 Then k prompts per image against one, through the engine runner the caption stage uses (the prompts of one image
 enter together, the first one's prefill is cached for the others), with vLLM's prefix-cache hit rate as the runner
@@ -21,11 +24,13 @@ reports it (what the progress line shows) and as expected from the prompts' toke
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +85,21 @@ def bench_engine_vllm(
         if units < 2 * engines:
             raise ConfigError(f"the vllm bench needs at least two units per engine ({units} units, {engines} engines)")
         timings, bare_runs, peer_runs = [], [], []
-        short = 0 if sizes.is_quick else engines  # --quick: whole runs (too short to subtract one from another)
 
         def ours() -> float:
-            timing = timed_pipeline(cfg, short_units=short, warm_up=False)
+            timing = windowed_pipeline(cfg)
             timings.append(timing)
-            return timing.marginal_images_per_s / divisor
+            return timing.rate / divisor
 
         def bare_loop() -> float:
-            seconds, images, tokens = bare.call(_bare_generate)
+            seconds, images, tokens, rate = bare.call(_bare_generate)
             bare_runs.append((seconds, images, tokens))
-            return images / seconds  # one engine
+            return rate  # one engine
 
         def peer() -> float:
-            rate = peer_rate(cfg, root, short_units=short)
-            peer_runs.append(rate)
-            return rate / divisor
+            timing = _peer_run(cfg, root / "peer")
+            peer_runs.append(timing)
+            return timing.rate / divisor
 
         if not sizes.is_quick:  # Ray's workers start and import once, as in any long run
             _run_once(short_config(cfg, engines))
@@ -104,16 +108,19 @@ def bench_engine_vllm(
         prompt_runs = bench_prompts(bare, k_prompts, sizes.prompt_images, sizes.repeats)
     per = "GPU" if gpus else "engine"
     where = f"{gpus} GPUs" if gpus else f"{engines} engine(s) on CPU"
-    last = timings[-1]
+    last = timings[-1].timing
     tokens_per_image = sum(r[2] for r in bare_runs) / max(sum(r[1] for r in bare_runs), 1)
     engine = last.engine.get(model_cfg.id, {})
     result.add(
         compared(
             f"vllm pipeline ({model_cfg.id})", f"images/s/{per}", values["ours"], values["bare"], ">= 0.95",
-            f"{units} units of {sizes.vllm_unit_size} images of {sizes.image_side}px through {where}, steady rate (a "
-            f"run of {short} unit(s) subtracted), engine busy {engine.get('busy', 0):.2f} in the last run; bare "
+            f"{units} units of {sizes.vllm_unit_size} images of {sizes.image_side}px through {where}; steady rate: "
+            f"the engine runner's completions after an actor's first unit over its clock from then to its last unit "
+            f"(whole run incl. start-up: median {median([t.whole_rate for t in timings]):.3g} images/s); engine busy "
+            f"{engine.get('busy', 0):.2f} in the last run; bare "
             f"loop: ONE vllm.LLM.generate over all {bare_runs[-1][1]} images (decoded before the clock), same engine "
-            f"arguments and sampling, {tokens_per_image:.1f} generated tokens per image",
+            f"arguments, sampling and threads, its steady rate from the requests' finish times the same way (whole "
+            f"call: median {median([n / t for t, n, _ in bare_runs]):.3g} images/s), {tokens_per_image:.1f} generated tokens per image",
         )
     )  # fmt: skip
     result.add(
@@ -121,8 +128,11 @@ def bench_engine_vllm(
             f"vllm pipeline vs ray.data.llm ({model_cfg.id})", f"images/s/{per}", values["ours"], values["peer"],
             ">= 1.0",
             "the same images, engine arguments and sampling through ray.data.llm (read_webdataset, a decode map, "
-            "build_processor with vLLMEngineProcessorConfig, write_parquet), steady rate the same way; its stages "
-            "other than the engine get 0.25 CPU each (with its defaults it deadlocks on 2 CPUs)",
+            "build_processor with vLLMEngineProcessorConfig, each output block written as Parquet as it arrives), "
+            "steady rate the same way (rows stamped in its postprocess: those after the first quarter over the time "
+            "from then to the last; whole run incl. "
+            f"start-up: median {median([t.whole_rate for t in peer_runs]):.3g} images/s); its stages other than the "
+            "engine get 0.25 CPU each (with its defaults it deadlocks on 2 CPUs)",
         )
     )  # fmt: skip
     add_prompt_measurements(result, prompt_runs, model_cfg.id, len(k_prompts))
@@ -183,6 +193,9 @@ def _bare_load(cfg_dict: dict) -> None:
     cfg = PipelineConfig.model_validate(cfg_dict)
     model = cfg.models[0]
     os.environ.update(model.env)  # what the pipeline sets in its actors (e.g. the CPU build's KV cache size)
+    # As Ray sets it in an actor that reserves num_cpus CPUs: the CPU build's engine runs that many threads (more
+    # threads than the actor's on a loaded machine would measure thread contention, not the engine).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(model.num_cpus))))
     from recaption.engines.vllm import VLLMCaptioner
     from recaption.images import decode_image
     from recaption.prompts import get_prompt
@@ -196,9 +209,10 @@ def _bare_load(cfg_dict: dict) -> None:
     _bare_generate(images[:8])
 
 
-def _bare_generate(images: list | None = None) -> tuple[float, int, int]:
+def _bare_generate(images: list | None = None) -> tuple[float, int, int, float]:
     """ONE `LLM.generate` over every image with the pipeline's prompt and per-request sampling parameters: seconds,
-    images, generated tokens."""
+    images, generated tokens, and the steady rate from the requests' finish times in the engine (those after the
+    first quarter over the time from then to the last, as for the pipeline and the peer)."""
     from recaption.engines.vllm import sampling_params
 
     captioner, model = _BARE["captioner"], _BARE["model"]
@@ -209,7 +223,9 @@ def _bare_generate(images: list | None = None) -> tuple[float, int, int]:
     start = time.perf_counter()
     outputs = captioner.llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return seconds, len(images), sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    done = [out.metrics.last_token_ts for out in outputs if getattr(out, "metrics", None) is not None]
+    rate = completion_rate(done, seconds) if len(done) == len(outputs) else len(images) / seconds
+    return seconds, len(images), sum(len(c.token_ids) for out in outputs for c in out.outputs), rate
 
 
 def _bare_prompts(prompt_names: list[str], n_images: int) -> dict[str, float]:
@@ -337,27 +353,65 @@ def add_prompt_measurements(result: BenchResult, runs: dict[str, list[dict]], mo
 # ---------------------------------------------------------------- the peer: ray.data.llm
 
 
-def peer_rate(cfg, root: Path, short_units: int) -> float:
-    """ray.data.llm's steady images/s on the bench's tars: (all - first `short_units` tars) images over the
-    difference of the two runs' seconds."""
-    from recaption.shards.plan import plan_units
+@dataclass
+class Window:
+    """Completion times taken where the work is done (never where the driver happens to see outputs, which Ray
+    hands over in bursts). The steady rate is the completions after the first quarter (the pipeline: after each
+    actor's first unit) over the time from then to the last one: the engine's start and the first batch's trip are
+    left out, the drain at the end stays in."""
 
-    tars = sorted({u.uri for u in plan_units(cfg.input)})
-    s_seconds, s_images = _peer_run(cfg, tars[:short_units], root / "peer-short") if short_units else (0.0, 0)
-    seconds, images = _peer_run(cfg, tars, root / "peer")
-    if seconds > s_seconds and images > s_images:
-        return (images - s_images) / (seconds - s_seconds)
-    return images / seconds
+    seconds: float  # the whole run, start-up included
+    images: int
+    rate: float
+    timing: Any = None
+
+    @property
+    def whole_rate(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
 
 
-def _peer_run(cfg, tars: list[str], out: Path) -> tuple[float, int]:
-    import pyarrow.dataset as pads
+def windowed_pipeline(cfg) -> Window:
+    """One pipeline run on the current Ray. Each caption actor reports, with every unit it passes on, its engine
+    runner's completed requests and its own clock: per actor, (requests at its last unit - at its first) / (clock
+    at its last unit - at its first), summed over actors (one prompt per image: requests are images)."""
+    model_id = cfg.models[0].id
+    points: dict[int, list[tuple[float, int]]] = {}
+
+    def on_unit(row: dict) -> None:
+        snap = json.loads(row.get("metrics") or "{}").get(model_id)
+        if snap:
+            points.setdefault(int(snap["actor"]), []).append((float(snap["wall_s"]), int(snap["requests"])))
+
+    start = time.perf_counter()
+    timing = timed_pipeline(cfg, short_units=0, warm_up=False, on_unit=on_unit)
+    seconds = time.perf_counter() - start
+    rate = 0.0
+    for pts in points.values():
+        pts.sort()
+        if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+            rate += (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+    return Window(seconds, timing.images, rate or timing.images / seconds, timing)
+
+
+def completion_rate(done_at: list[float], seconds: float) -> float:
+    """Completions after the first quarter over the time from then to the last one."""
+    done_at = sorted(done_at)
+    q = len(done_at) // 4
+    if len(done_at) < 2 or done_at[-1] <= done_at[q]:
+        return len(done_at) / seconds if seconds else 0.0
+    return (len(done_at) - 1 - q) / (done_at[-1] - done_at[q])
+
+
+def _peer_run(cfg, out: Path) -> Window:
+    """The job through ray.data.llm; each output block written as Parquet as it arrives, its time and rows kept."""
+    import pyarrow.parquet as pq
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from recaption.engines.vllm import engine_args, sampling_kwargs
     from recaption.models import resolve_model
     from recaption.prompts import format_prompt, get_prompt
+    from recaption.shards.plan import plan_units
 
     model = cfg.models[0]
     info = resolve_model(model.path, model.family, model.revision)
@@ -395,15 +449,24 @@ def _peer_run(cfg, tars: list[str], out: Path) -> tuple[float, int]:
         }
 
     def postprocess(row: dict) -> dict:
-        return {"key": row["key"], "caption": row["generated_text"], "n_tokens": row["num_generated_tokens"]}
+        import time
+
+        # done_at: when the row left the engine's stage (the bench's clock for the peer, taken where the work is)
+        return {"key": row["key"], "caption": row["generated_text"], "n_tokens": row["num_generated_tokens"],
+                "done_at": time.time()}  # fmt: skip
 
     processor = build_processor(
         config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=small,
         postprocess_map_kwargs=small,
     )  # fmt: skip
+    tars = sorted({u.uri for u in plan_units(cfg.input)})
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    done_at: list[float] = []
     start = time.perf_counter()
-    ds = ray.data.read_webdataset(tars, decoder=None, ray_remote_args=small)
-    processor(ds).write_parquet(str(out), ray_remote_args=small)
+    ds = processor(ray.data.read_webdataset(tars, decoder=None, ray_remote_args=small))
+    for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        pq.write_table(batch, out / f"part-{i:05d}.parquet")
+        done_at.extend(batch.column("done_at").to_pylist())
     seconds = time.perf_counter() - start
-    return seconds, pads.dataset(str(out), format="parquet").count_rows()
+    return Window(seconds, len(done_at), completion_rate(done_at, seconds))
