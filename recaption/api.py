@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from recaption.pipeline import RunSummary
-    from recaption.planning import Plan
+    from recaption.job import Plan, RunSummary
 
 # What `caption` adds to (or replaces in) each row of the dataset it is given.
 CAPTION_COLUMNS = ("captions", "status", "error", "width", "height", "image_sha256")
@@ -54,8 +53,7 @@ def run(
     """Runs a pipeline config (or a YAML path / dict, with overrides) to its output directory and returns what it
     did; rerunning resumes. Exactly what `recaption run` does, without printing the summary. `report_to`:
     "tensorboard", "wandb" or both, to follow the run there (files under OUTPUT/_tracking)."""
-    from recaption.pipeline import run_pipeline
-    from recaption.tracking import parse_report_to
+    from recaption.job import parse_report_to, run_pipeline
 
     names = parse_report_to(report_to if isinstance(report_to, str) or report_to is None else list(report_to))
     cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
@@ -74,7 +72,7 @@ def plan(
     where its actors fit on the cluster. With `calibrate=N`, N images are captioned in a temporary output to measure
     images/s per actor and tokens per caption, and `plan.calibration.estimate` holds the wall time and GPU-hours of
     the rest. `plan.problems` lists what would stop a run; `plan.to_dict()` is what `recaption plan --json` prints."""
-    from recaption.planning import plan_run
+    from recaption.job import plan_run
 
     cfg = config if isinstance(config, PipelineConfig) and not overrides else _pipeline(config, overrides)
     return plan_run(cfg, sample_shards=sample_shards, calibrate=calibrate)
@@ -102,7 +100,7 @@ def caption(
     (`{bytes, path}`) or a decoded array (`ray.data.read_images`). A row whose image cannot be used is `failed` with
     its reason, like in a run. Without an output directory, a batch that crashes its engine is retried by Ray
     without bound; use `run` for a job that must be resumable exactly once."""
-    from recaption.pipeline import init_ray, place_models, prompt_fallbacks, resolve_prompts
+    from recaption.job import init_ray, place_models, prompt_fallbacks, resolve_prompts
 
     data = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else config
     if not isinstance(data, Mapping):
@@ -145,7 +143,7 @@ class DatasetCaptionStage:
         drop_image: bool = False,
         prompt_fallbacks: dict[str, str] | None = None,
     ):
-        from recaption.captioning import CaptionStage
+        from recaption.job import CaptionStage
 
         self.stage = CaptionStage(
             model_cfg, prompt_texts, post_cfg, None, image_cfg, keep_images=False, prompt_fallbacks=prompt_fallbacks
@@ -158,9 +156,8 @@ class DatasetCaptionStage:
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         import pyarrow as pa
 
-        from recaption.shards.fields import KeptField
-        from recaption.stages import payload_schema
-        from recaption.writer import OUTPUT_SCHEMA
+        from recaption.fields import KeptField
+        from recaption.job import OUTPUT_SCHEMA, payload_schema
 
         if self.image_column not in batch.column_names:
             raise ConfigError(f"caption: no column {self.image_column!r}; columns are {batch.column_names}")
@@ -237,7 +234,7 @@ def read_output(path: str | Path, *, ok_only: bool = False, columns: Sequence[st
     import ray.data
     from ray.data.expressions import col
 
-    from recaption.writer import open_output
+    from recaption.job import open_output
 
     out = open_output(str(path))
     ds = ray.data.read_parquet(out.part_paths(), filesystem=out.fs)
@@ -250,7 +247,7 @@ def read_output_hf(path: str | Path, *, ok_only: bool = False) -> datasets.Datas
     """A run's output (a local directory) as a `datasets.Dataset`; its run metadata in `.info.description`."""
     import datasets
 
-    from recaption.writer import open_output, read_run_metadata
+    from recaption.job import open_output, read_run_metadata
 
     parts = open_output(str(path)).part_paths()
     ds = datasets.load_dataset("parquet", data_files=parts, split="train")

@@ -8,6 +8,7 @@ import sys
 
 from recaption import console
 from recaption.errors import RecaptionError
+from recaption.job import format_kinds, print_summary
 from recaption.redact import install_log_redaction, redact_text
 
 
@@ -289,7 +290,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from recaption.api import plan
     from recaption.errors import ConfigError
-    from recaption.planning import format_plan
+    from recaption.job import format_plan
 
     if args.calibrate < 0 or args.sample_shards < 1:
         raise ConfigError("--calibrate takes N >= 0 images and --sample-shards N >= 1 shards")
@@ -299,8 +300,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from recaption.tracking import parse_report_to
-    from recaption.train.run import train_command
+    from recaption.job import parse_report_to
+    from recaption.train import train_command
 
     report_to = parse_report_to(args.report_to)
     return train_command(args.config, args.overrides, progress=not args.no_progress, report_to=report_to)
@@ -321,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from recaption.models import REGISTRY
+    from recaption.catalog import REGISTRY
 
     rows = [("name", "family", "engine", "chat format", "revision", "checkpoint")]
     for name, entry in REGISTRY.items():
@@ -343,7 +344,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     if args.train_on_scenes:
         return _train_scene_captioner(args)
-    from recaption.tiny import build_tiny
+    from recaption.captioners import build_tiny
 
     path = build_tiny(args.family, args.out, seed=args.seed)
     print(f"tiny {args.family} model (random weights) saved to {path}")
@@ -353,7 +354,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def _train_scene_captioner(args: argparse.Namespace) -> int:
     import json
 
-    from recaption.captioner import DEFAULT_STEPS, META_FILE, train_scene_captioner
+    from recaption.demo import DEFAULT_STEPS, META_FILE, train_scene_captioner
     from recaption.errors import ConfigError
 
     if args.family != "llava":
@@ -375,10 +376,10 @@ def _train_scene_captioner(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from recaption.eval.run import run_eval
+    from recaption.eval import run_eval
 
     if args.config == "synthetic":
-        from recaption.eval.ablation import run_ablation
+        from recaption.demo import run_ablation
 
         run_ablation(
             args.out, size=args.size, repeats=args.repeats, steps=args.steps, eval_long=args.eval_long,
@@ -391,7 +392,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from recaption.errors import ConfigError
-    from recaption.report import build_report
+    from recaption.outputs import build_report
 
     if args.gallery < 0:
         raise ConfigError("--gallery takes N >= 0 rows")
@@ -407,7 +408,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from recaption.inspect import inspect_output
+    from recaption.outputs import inspect_output
 
     inspect_output(
         args.output,
@@ -422,7 +423,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from recaption.export import export_output
+    from recaption.outputs import export_output
 
     result = export_output(
         args.output,
@@ -450,34 +451,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_sharegpt4v(args: argparse.Namespace) -> int:
-    from recaption.convert import convert_sharegpt4v
+    from recaption.captioners import convert_sharegpt4v
 
     path = convert_sharegpt4v(args.src, args.dst, vision_tower=args.vision_tower)
     print(f"converted to {path}: use it as a model `path` (family llava, engine hf or vllm)")
     return 0
-
-
-def print_summary(s) -> None:
-    print(f"output:   {s.output}")
-    retried = f" ({s.units_retried} to retry failed rows)" if s.units_retried else ""
-    print(f"units:    {s.units_done} run{retried}, {s.units_skipped} already done, {s.units_total} in total")
-    print(f"rows:     {s.rows} ({s.ok} ok, {s.failed} failed, {s.skipped} skipped)")
-    if s.errors:
-        print(f"failed:   {format_kinds(s.errors)}")
-    print(f"speed:    {s.images_per_s:.1f} images/s, {s.tokens} tokens in {s.seconds:.1f} s")
-    t = s.totals
-    if t and (s.units_skipped or s.units_retried):  # earlier runs wrote some units: the output's own totals
-        print(f"total:    {t['units']} units, {t['rows']} rows ({t['ok']} ok, {t['failed']} failed, "
-              f"{t['skipped']} skipped){'; failed: ' + format_kinds(t['errors']) if t['errors'] else ''}")  # fmt: skip
-    for unit, error in s.unit_errors.items():
-        print(f"unit {unit} not committed: {error} (rerun the same command to retry it)")
-
-
-def format_kinds(kinds: dict[str, int], most: int = 5) -> str:
-    """`truncated image 8, decompression bomb 4, … (3 more kinds)`: failed rows by error kind, most first."""
-    items = list(kinds.items())
-    text = ", ".join(f"{k} {n}" for k, n in items[:most])
-    return text + (f", … ({len(items) - most} more kinds)" if len(items) > most else "")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class InputConfig(Strict):
     @field_validator("keep_columns")
     @classmethod
     def _known_types(cls, value: str | list[str]) -> str | list[str]:
-        from recaption.shards.fields import kept_fields
+        from recaption.fields import kept_fields
 
         kept_fields(value, "parquet", [])  # one line for a bad `name:type` before any work
         return value
@@ -205,7 +205,7 @@ class ModelConfig(Strict):
         """A registry name brings its default engine, revision, context length and, under the hf engine, its GPU
         and dtype (entry `hf`) unless the config sets them. The dtype only comes with a GPU: an actor the config
         puts on a CPU (`num_gpus: 0`) keeps `auto`, float32 there."""
-        from recaption.models import REGISTRY
+        from recaption.catalog import REGISTRY
 
         if not isinstance(data, dict) or data.get("path") not in REGISTRY:
             return {"engine": "hf", **data} if isinstance(data, dict) and data.get("engine") is None else data

@@ -49,7 +49,7 @@ EOF
 left() { echo $((budget_s - ($(date +%s) - start))); }
 rc_tests=0
 timeout "$(left)" "$py" -m pytest -m gpu -p no:cacheprovider -q --durations=5 --junitxml="$out/gpu-tests.xml" \
-  tests/engines/test_hf_gpu.py || rc_tests=$?
+  tests/captioners/engines/test_hf_gpu.py || rc_tests=$?
 rc_bench=0
 timeout "$(left)" "$py" -m recaption.cli bench engine --engine hf "${bench_args[@]}" \
   --workdir "$out/bench-work" --json "$out/bench-hf.json" || rc_bench=$?

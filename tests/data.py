@@ -20,7 +20,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from recaption.shards.tar import write_webdataset
+from recaption.sources.tar import write_webdataset
 
 
 def make_image(i: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> bytes:

@@ -1,6 +1,6 @@
 """A tiny random checkpoint laid out like Lin-Chen/ShareGPT4V-7B (model_type share4v, LLaVA-1.5's original repo
 format) and its separately released CLIP tower, with the reference modules the original code builds from them.
-Shared by the conversion tests (tests/test_convert.py) and the vLLM engine's test of a converted checkpoint."""
+Shared by the conversion tests (tests/captioners/test_convert.py) and the vLLM engine's test of a converted checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
-from recaption.tiny import HEADS, LAYERS, PATCH_SIZE, WIDTH, _train_tokenizer
+from recaption.captioners.tiny import HEADS, LAYERS, PATCH_SIZE, WIDTH, _train_tokenizer
 
 SIDE = 32  # tower input size: 16 patches of 8 px, so 16 image tokens
 IMAGE_TOKENS = (SIDE // PATCH_SIZE) ** 2

@@ -14,7 +14,7 @@ import yaml
 
 from recaption.cli import main
 from recaption.demo import DEMO_SEED, read_truths
-from recaption.eval.scenes import score_output
+from recaption.demo.scenes import score_output
 from recaption.eval.synthetic import make_scene
 
 
@@ -172,8 +172,8 @@ def test_demo_train_trains_on_the_captions_and_prints_retrieval(tmp_path, capsys
 
 
 def scene_llava_available() -> bool:
+    from recaption.captioners.models import resolve_model
     from recaption.errors import ConfigError
-    from recaption.models import resolve_model
 
     try:
         resolve_model("scene-llava")

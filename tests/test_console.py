@@ -61,8 +61,8 @@ def test_version():
 
 def test_scene_captioner_warns_on_other_images(tmp_path, caplog):
     from recaption.demo import write_demo_shards
-    from recaption.pipeline import warn_scene_captioner
-    from recaption.shards.plan import plan_units
+    from recaption.job.pipeline import warn_scene_captioner
+    from recaption.sources.plan import plan_units
     from tests.data import write_webdataset_dir
 
     write_webdataset_dir(tmp_path / "photos", 2, 2)
@@ -77,7 +77,7 @@ def test_scene_captioner_warns_on_other_images(tmp_path, caplog):
             },
         )
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="recaption.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="recaption.job.pipeline"):
             warn_scene_captioner(cfg, plan_units(cfg.input))
         assert ("only knows the demo's generated scenes" in caplog.text) == warned, src
         assert not warned or "pipelines/llava15.yaml" in caplog.text

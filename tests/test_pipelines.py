@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from recaption.captioners.prompts import get_prompt
+from recaption.catalog import REGISTRY
 from recaption.config import PipelineConfig, load_config
-from recaption.models import REGISTRY
-from recaption.prompts import get_prompt
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 ALL = sorted(p for p in PIPELINES.glob("*.yaml") if not p.name.startswith("train-"))  # train configs: tests/train

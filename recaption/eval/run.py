@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from recaption.eval.datasets import ClassificationSet, EvalSet
     from recaption.eval.encoders import Encoder
 
+from typing import TYPE_CHECKING
+
+from recaption.eval.trainer import TextSlot, TrainerEncoder
+
+if TYPE_CHECKING:
+    from recaption.train.config import ModelConfig
+    from recaption.train.model import ContrastiveModel
+
 log = logging.getLogger(__name__)
 
 
@@ -308,3 +316,14 @@ def make_eval_hook(eval_cfg: EvalConfig | str | Path | dict[str, Any]) -> Callab
         return {f"{name}/{k}": v for name, r in results.items() for k, v in r.items() if k in metric_keys(r)}
 
     return hook
+
+
+def trainer_hook(eval_config, model_cfg: ModelConfig, text_slot: TextSlot = "cls"):
+    """The trainer's `eval_hook(model, tokenizer, step)` made from an eval config (`recaption.eval.run`): sets are
+    loaded and checked now, and every call measures the live model through a `TrainerEncoder`."""
+    hook = make_eval_hook(eval_config)
+
+    def eval_hook(model: ContrastiveModel, tokenizer, step: int) -> dict[str, float]:
+        return hook(TrainerEncoder(model, tokenizer, model_cfg, text_slot), step)
+
+    return eval_hook

@@ -1,7 +1,7 @@
 """Generated multi-object scenes with a ground truth, a short caption (main object) and a long one (every object).
 
 The long caption is the scene's canonical description, the text the scene captioner is trained to write and the
-format `recaption.eval.scenes` parses back:
+format `recaption.demo.scenes` parses back:
 
     The background is <background>. A <size> <texture> <colour> <shape> is at the <position>. ...
 

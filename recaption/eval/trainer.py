@@ -104,16 +104,3 @@ class TrainerEncoder:
             slots = self.model.encode_text(ids.to(device), mask.to(device)).float()  # (N, K+1, D), normalised
         pooled = slots[:, 0] if self.text_slot == "cls" else slots.mean(dim=1)
         return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def trainer_hook(eval_config, model_cfg: ModelConfig, text_slot: TextSlot = "cls"):
-    """The trainer's `eval_hook(model, tokenizer, step)` made from an eval config (`recaption.eval.run`): sets are
-    loaded and checked now, and every call measures the live model through a `TrainerEncoder`."""
-    from recaption.eval.run import make_eval_hook
-
-    hook = make_eval_hook(eval_config)
-
-    def eval_hook(model: ContrastiveModel, tokenizer, step: int) -> dict[str, float]:
-        return hook(TrainerEncoder(model, tokenizer, model_cfg, text_slot), step)
-
-    return eval_hook

@@ -22,15 +22,23 @@ from PIL import Image, ImageOps
 
 from recaption.config import InputConfig
 from recaption.errors import InputError
-from recaption.images import FORMATS, to_rgb
-from recaption.shards.fs import basename, display, join, list_files, open_input, open_input_file
-from recaption.shards.plan import plan_units
-from recaption.shards.read import read_unit
-from recaption.shards.tar import read_samples
+from recaption.job import METADATA_KEY, is_legacy_part, open_output
+from recaption.sources import (
+    FORMATS,
+    basename,
+    display,
+    join,
+    list_files,
+    open_input,
+    open_input_file,
+    plan_units,
+    read_samples,
+    read_unit,
+    to_rgb,
+)
 from recaption.train.config import TrainConfig
 from recaption.train.sampling import TextSampler, example_rng
 from recaption.train.tokenizer import encode
-from recaption.writer import METADATA_KEY, is_legacy_part, open_output
 
 COLUMNS = ["key", "unit", "status", "alt_text", "captions", "image_sha256"]
 # Why an image of a trainable row is not trained on (counted once per key, reported in summary.json).

@@ -14,8 +14,7 @@ import torch
 
 from recaption.errors import TrainingError
 from recaption.faults import fault_point
-from recaption.progress import Progress
-from recaption.tracking import make_trackers
+from recaption.job import Progress, make_trackers
 from recaption.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recaption.train.config import TrainConfig
 from recaption.train.data import Batches, DataState, prefetch, row_report

@@ -11,14 +11,14 @@ from pathlib import Path
 import yaml
 
 from recaption.errors import ConfigError
-from recaption.shards.fs import is_uri
+from recaption.job import OUTPUT_KIND, OWNER_FILE
+from recaption.sources import is_uri
 from recaption.train.checkpoint import latest_checkpoint
 from recaption.train.config import TrainConfig, load_train_config
 from recaption.train.data import caption_texts, export_shards, output_parts, source_input
 from recaption.train.loop import EvalHook, train
 from recaption.train.storage import RunStore
 from recaption.train.tokenizer import prepare_tokenizer
-from recaption.writer import OUTPUT_KIND, OWNER_FILE
 
 RUN_KIND = "train-run"
 # What a training run writes in run.output (and may find there when it resumes).
@@ -163,12 +163,12 @@ def run_training(
     """Train as `cfg` says: 1 worker in this process, N workers through Ray Train's TorchTrainer. Without an explicit
     `eval_hook`, the config's `eval` section (if any) makes one; the loop calls it on rank 0 only. `report_to`:
     trackers (tensorboard, wandb) that get the losses, learning rate and eval metrics (files in RUN/tracking)."""
-    from recaption import tracking
+    from recaption.job import tracking
 
     tracking.require(report_to or [])
     cfg = prepare_run(cfg)
     if eval_hook is None and cfg.eval is not None:
-        from recaption.eval.trainer import trainer_hook
+        from recaption.eval.run import trainer_hook
 
         eval_hook = trainer_hook(cfg.eval.config, cfg.model, cfg.eval.text_slot)  # a bad eval set fails here, early
     if cfg.distributed.num_workers == 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from recaption.redact import strip_credentials
-from recaption.shards.fs import is_uri, resolve
+from recaption.sources import is_uri, resolve
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from recaption.bert import as_bert_tokenizer
 from recaption.errors import ConfigError
 from recaption.train.config import TextTowerConfig
 
@@ -37,28 +38,6 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, splitter, decoders.WordPiece()
     return as_bert_tokenizer(tok, model_max_length=512)
-
-
-def as_bert_tokenizer(tok, model_max_length: int):
-    """A `tokenizers` WordPiece tokenizer with BERT's special tokens as a transformers tokenizer: `[CLS] text
-    [SEP]`, right padding (a bidirectional encoder with absolute positions keeps text at position 0)."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        padding_side="right",
-        model_max_length=model_max_length,
-    )
 
 
 def prepare_tokenizer(cfg: TextTowerConfig, run_dir: str | Path, sample_texts) -> Path:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
+from recaption.demo.ablation import arm_config, write_train_split
 from recaption.errors import ConfigError
-from recaption.eval.ablation import arm_config, write_train_split
 from recaption.eval.encoders import Encoder, load_encoder
 from recaption.eval.run import run_eval
 from recaption.eval.synthetic import make_scene

@@ -8,8 +8,8 @@ import pytest
 
 from recaption.config import load_config
 from recaption.eval.synthetic import make_scene
-from recaption.pipeline import run_pipeline
-from recaption.shards.tar import write_webdataset
+from recaption.job.pipeline import run_pipeline
+from recaption.sources.tar import write_webdataset
 from recaption.train.config import TrainConfig, load_train_config
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"

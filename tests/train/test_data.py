@@ -110,7 +110,7 @@ def test_data_state_round_trip():
 
 
 def test_a_webdataset_export_trains_like_the_output_it_came_from(caption_output, tmp_path, tokenizer):
-    from recaption.export import export_output
+    from recaption.outputs.export import export_output
     from recaption.train.run import prepare_run
 
     export_output(str(caption_output), "webdataset", str(tmp_path / "wds"), shard_size=16)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from recaption.errors import ConfigError
-from recaption.progress import parse_progress_line
+from recaption.job.progress import parse_progress_line
 from recaption.train.checkpoint import latest_checkpoint
 from recaption.train.model import load_pretrained
 from recaption.train.run import run_training

@@ -11,7 +11,7 @@ pytest.importorskip("tensorboard")
 
 
 def test_trainer_reports_losses_lr_and_eval_metrics(caption_output, tmp_path):
-    from tests.test_tracking import read_scalars
+    from tests.job.test_tracking import read_scalars
 
     calls = []
 

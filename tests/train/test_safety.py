@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from recaption.cli import main
+from recaption.demo.ablation import write_train_split
 from recaption.errors import ConfigError, InputError
-from recaption.eval.ablation import write_train_split
 from recaption.eval.synthetic import make_scene
-from recaption.shards.tar import write_webdataset
+from recaption.sources.tar import write_webdataset
 from recaption.train.checkpoint import latest_checkpoint
 from recaption.train.data import ExampleStream, output_parts
 from recaption.train.run import run_training
@@ -57,7 +57,7 @@ def rehash(data: Path) -> None:
     """Set each row's image_sha256 to that of the bytes now in the shards (as if the pipeline had seen them)."""
     import hashlib
 
-    from recaption.shards.tar import read_samples
+    from recaption.sources.tar import read_samples
 
     sha = {}
     for tar in sorted((data / "input").glob("*.tar")):

@@ -1,0 +1,114 @@
+"""The streaming caption actor: several units in flight in one actor share the engine's batches, yet every caption
+lands on its own image and every unit's rows in its own part file, in source order; decoded images in flight are
+bounded whatever the unit size; an elastic pool grows with the work."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from recaption.captioners.engines.fake import fake_caption
+from recaption.config import ImageConfig, load_config
+from recaption.job.pipeline import run_pipeline
+from recaption.sources.images import decode_image
+from recaption.sources.tar import write_webdataset
+from tests.data import make_image
+from tests.job.test_captioning import stage, unit_table
+
+FAKE = {"path": "fake", "engine": "fake", "prompts": ["short", "objects"], "num_cpus": 0.25}
+
+
+def test_units_in_flight_share_batches_and_each_gets_its_own_captions(tmp_path, monkeypatch):
+    s = stage(tmp_path, batch_size=5, fake={"delay_s": 0.05})  # an engine busy enough for the next batch to form
+    batches: list[list[int]] = []
+    real = s.captioner.caption
+
+    def recording(images, prompts, gen=None):
+        batches.append([im.width for im in images])
+        return real(images, prompts, gen)
+
+    monkeypatch.setattr(s.captioner, "caption", recording)
+
+    async def two_units():
+        return await asyncio.gather(
+            s.caption_unit_async("a", unit_table([50, 51, 52])), s.caption_unit_async("b", unit_table([60, 61, 62]))
+        )
+
+    a, b = asyncio.run(two_units())
+    assert any({w // 10 for w in batch} == {5, 6} for batch in batches), batches  # a batch held both units
+    for table, widths in ((a, [50, 51, 52]), (b, [60, 61, 62])):
+        for row, width in zip(table.to_pylist(), widths, strict=True):
+            assert row["width"] == width and row["status"] == "ok"
+            image = Image.new("RGB", (width, 40), (width % 256, 80, 160))
+            for cap, prompt in zip(row["captions"], ["short", "detailed"], strict=True):
+                assert cap["text"].startswith(fake_caption(image, s.prompt_texts[prompt]).split(".")[0])
+
+
+def test_every_unit_file_holds_its_own_rows_in_source_order(tmp_path, ray_session):
+    sizes = [1, 7, 2, 9, 3, 5, 4, 8]  # units of different sizes: they finish out of order
+    for shard, n in enumerate(sizes):
+        group = [{"key": f"{shard:02d}-{i:02d}", "jpg": make_image(100 * shard + i)} for i in range(n)]
+        write_webdataset(str(tmp_path / "in"), group, shard_size=n, prefix=f"s{shard}-")
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [FAKE]}
+    cfg = load_config(None, ["models.0.batch_size=4", "models.0.units_in_flight=3"], data=data)
+    assert run_pipeline(cfg, progress=False).ok == sum(sizes)
+    for part in sorted((tmp_path / "out").glob("part-*.recaption.parquet")):
+        rows = pads.dataset(str(part), format="parquet").to_table().to_pylist()
+        unit = part.name.removeprefix("part-").removesuffix(".recaption.parquet")
+        assert {r["unit"] for r in rows} == {unit}
+        keys = [r["key"] for r in rows]
+        assert keys == sorted(keys) and len({k.split("-")[0] for k in keys}) == 1  # one shard, in its order
+        for row in rows:
+            shard, i = (int(x) for x in row["key"].split("-"))
+            image = decode_image(make_image(100 * shard + i), ImageConfig()).image
+            texts = [fake_caption(image, cap["prompt_text"]) for cap in row["captions"]]
+            assert [c["text"] for c in row["captions"]] == texts  # its own image's captions, both prompts
+
+
+def test_decoded_images_in_flight_are_bounded_whatever_the_unit_size(tmp_path, ray_session):
+    """20 units from 4 to 240 large images: the caption actor's resident memory stays flat (the whole unit
+    decoded at once, as before, would hold up to 240 × 3 MB)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (90, 120, 30)).save(buf, format="JPEG", quality=50)
+    big = buf.getvalue()
+    for unit in range(20):
+        n = 4 + unit * 12
+        group = [{"key": f"{unit:02d}-{i:03d}", "jpg": big} for i in range(n)]
+        write_webdataset(str(tmp_path / "in"), group, shard_size=n, prefix=f"u{unit:02d}-", sidecars=False)
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}}
+    model = {**FAKE, "prompts": ["short"], "batch_size": 4, "units_in_flight": 1}
+    cfg = load_config(None, ["images.max_side=1024"], data={**data, "models": [model]})
+    seen: list[float] = []
+
+    def on_unit(row):
+        import json
+
+        seen.append(json.loads(row["metrics"])["fake"]["rss_mib"])
+
+    run_pipeline(cfg, progress=False, on_unit=on_unit)
+    assert len(seen) == 20
+    early, late = max(seen[2:6]), max(seen[-5:])  # after the first units (imports, warm-up); the largest units
+    assert late <= 1.1 * early + 16, seen
+
+
+@pytest.mark.parametrize("bounds", [[1, 3]])
+def test_an_elastic_pool_grows_from_min_to_max(tmp_path, ray_session, bounds):
+    for unit in range(12):
+        group = [{"key": f"{unit:02d}-{i}", "jpg": make_image(unit * 10 + i)} for i in range(2)]
+        write_webdataset(str(tmp_path / "in"), group, shard_size=2, prefix=f"u{unit:02d}-", sidecars=False)
+    model = {**FAKE, "prompts": ["short"], "concurrency": bounds, "num_cpus": 0.1, "fake": {"delay_s": 0.4}}
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "models": [model]}
+    actors: set[int] = set()
+
+    def on_unit(row):
+        import json
+
+        actors.add(json.loads(row["metrics"])["fake"]["actor"])
+
+    assert run_pipeline(load_config(None, data=data), progress=False, on_unit=on_unit).ok == 24
+    assert len(actors) > bounds[0], actors
+    assert len(actors) <= bounds[1]
