@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from recaption import bench
 from recaption.bench import BenchResult, Measurement, compared, default_workdir, format_table, interleaved, run_bench
+from recaption.bench import run as bench_run
 from recaption.cli import build_parser
 
 SECTIONS_NAMES = {
@@ -92,7 +92,7 @@ def test_scratch_data_goes_to_the_cache_not_the_current_directory(tmp_path, monk
     monkeypatch.setenv("RECAPTION_CACHE", str(tmp_path / "cache"))
     assert default_workdir() == tmp_path / "cache" / "bench"
     seen = []  # the section's own work is not the point here: where it is asked to put its files is
-    monkeypatch.setattr(bench, "bench_trainer", lambda result, work, sizes, cpus: seen.append(work))
+    monkeypatch.setattr(bench_run, "bench_trainer", lambda result, work, sizes, cpus: seen.append(work))
     run_bench(sections=["trainer"], quick=True)
     assert seen == [tmp_path / "cache" / "bench"] and seen[0].is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -105,14 +106,27 @@ def read_wandb_history(run_file: Path) -> list[dict[str, float]]:
     return rows
 
 
-def test_wandb_offline(tmp_path, monkeypatch):
+WANDB_RUN = """
+import sys
+from recaption.job.progress import Progress
+from recaption.job.tracking import make_trackers
+trackers = make_trackers(["wandb"], sys.argv[1], "run-a", {"model": "tiny"}, kind="train")
+with Progress.for_steps(4, enabled=False, trackers=trackers) as p:
+    for step in range(4):
+        p.advance(1, {"samples": 8}, loss=1.0 / (step + 1), lr=0.1)
+"""
+
+
+def test_wandb_offline(tmp_path):
+    """An offline W&B run, in a process of its own (wandb keeps process-wide state that other tests' imports touch),
+    read back from its run file."""
+    import subprocess
+    import sys
+
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    trackers = make_trackers(["wandb"], tmp_path, "run-a", {"model": "tiny"}, kind="train")
-    with Progress.for_steps(4, enabled=False, trackers=trackers) as p:
-        for step in range(4):
-            p.advance(1, {"samples": 8}, loss=1.0 / (step + 1), lr=0.1)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "-c", WANDB_RUN, str(tmp_path)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1
     history = read_wandb_history(runs[0])
