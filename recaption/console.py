@@ -1,6 +1,7 @@
 """A quiet console: a normal run prints recaption's own lines, not the library chatter a user can do nothing about.
 
-Hidden unless `--verbose`: Ray's "Token authentication is enabled" warning (a local Ray started for the run) and its
+Hidden unless `--verbose`: Ray's "Token authentication is enabled" warning (a local Ray started for the run), Ray
+Train's per-worker "Reporting training result" and "Failed to query Ray Train Controller" lines, and its
 core worker's "E" line saying an actor has "constructor arguments in the object store and max_restarts > 0" (Ray Data's
 actor pools always do; the line is written by Ray's C++ core straight to file descriptor 2, so it is filtered there,
 in the driver process, line by line; everything else passes through untouched and at once).
@@ -22,6 +23,10 @@ stderr_is_tty = sys.stderr.isatty() if sys.stderr is not None else False
 NOISE = (
     re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
     re.compile(r"Token authentication is enabled for this Ray cluster"),
+    # Ray Train's own chatter in `recaption train` with several workers: each worker's report of its final metrics,
+    # and its placement-group cleaner's retries of a state query.
+    re.compile(r"Reporting training result \d+: TrainingReport\("),
+    re.compile(r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"),
 )
 QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 

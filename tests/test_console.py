@@ -38,6 +38,15 @@ os.write(2, b"last line without newline")
 
 def test_noise_lines():
     assert is_noise(RAY_E_LINE) and is_noise(TOKEN_LINE)
+    assert is_noise(
+        "\x1b[36m(RayTrainWorker pid=28705)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=None, "
+        "metrics={'step': 3}, validation=False) from rank 1"
+    )
+    assert is_noise(
+        "\x1b[36m(PlacementGroupCleaner pid=28641)\x1b[0m Failed to query Ray Train Controller actor state. State API "
+        "may be temporarily unavailable. Continuing to monitor."
+    )
+    assert not is_noise("(RayTrainWorker pid=1) train done: steps=3/3 samples=12 loss=3.206")
     assert not is_noise("[2026-12-02 13:14:36,769 E 1 1] core_worker.cc:100: Failed to connect to GCS")
     assert not is_noise("recaption progress: units=1/1")
 

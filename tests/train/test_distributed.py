@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import torch
 
@@ -40,7 +42,7 @@ def first_step_loss(cfg, tokenizer, batches: list[dict]) -> float:
         return compute_losses(out, cfg.loss, ids)["loss"].item()
 
 
-def test_two_ray_train_workers_train_on_the_global_batch(caption_output, tmp_path, ray_session):
+def test_two_ray_train_workers_train_on_the_global_batch(caption_output, tmp_path, ray_session, capfd):
     cfg = tiny_config(
         caption_output,
         tmp_path / "run",
@@ -57,6 +59,15 @@ def test_two_ray_train_workers_train_on_the_global_batch(caption_output, tmp_pat
     assert {p.name for p in checkpoint.iterdir()} >= {"model.pt", "optimizer.pt", "rank-0.pt", "rank-1.pt"}
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]  # one writer: rank 0
+    # Each metrics line reaches the console once (Ray Train's print patch used to send it twice). Ray forwards the
+    # workers' output a moment later: wait until every step has shown, then a little more for any second copy.
+    seen, deadline = "", time.monotonic() + 20
+    while time.monotonic() < deadline and not all(re.search(rf"\bstep {n} ", seen) for n in range(1, 5)):
+        time.sleep(0.5)
+        seen += "".join(capfd.readouterr())
+    time.sleep(2)
+    seen += "".join(capfd.readouterr())
+    assert [len(re.findall(rf"\bstep {n}  long", seen)) for n in range(1, 5)] == [1, 1, 1, 1], seen[-3000:]
 
     # The logged step-1 loss is the loss of both workers' first batches together, not of either one alone.
     tokenizer = load_tokenizer(tmp_path / "run" / "tokenizer")
