@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import metadata
+from typing import Any
 
 from recaption.config import PipelineConfig, content_view
 from recaption.errors import ConfigError, RecaptionError, merge_error_counts
@@ -72,9 +74,10 @@ def run_pipeline(
     out.claim()  # a foreign directory is refused before anything is written into it
     with Lease(out, cfg.output.lease_timeout_s).acquire() as lease, DoneManifest(out).kept_current() as manifest:
         units = plan_units(cfg.input, cfg.output.path)  # tar counts and indexes are cached in the output
-        kept = kept_columns(cfg, units)
+        first = first_row(cfg, units)  # read once, only if a check below needs it
+        kept = kept_columns(cfg, units, first)
         check_prompt_fields(cfg, kept)
-        warn_scene_captioner(cfg, units)
+        warn_scene_captioner(cfg, units, first)
         if overwrite:
             out.clear()
         done = manifest.refresh()  # one listing of the markers; only those the manifest lacks are read
@@ -332,13 +335,18 @@ def changed_keys(a: object, b: object, prefix: str = "") -> list[str]:
 SCENE_URL = "synthetic://scene/"  # the url of every image `recaption demo` generates
 
 
-def warn_scene_captioner(cfg: PipelineConfig, units: list) -> None:
+def first_row(cfg: PipelineConfig, units: list) -> Callable[[], Any]:
+    """The input's first record (its first unit's), read on the first call only; None for an empty input."""
+    from recaption.sources import first_record
+
+    return functools.cache(lambda: first_record(units[0], cfg.input) if units else None)
+
+
+def warn_scene_captioner(cfg: PipelineConfig, units: list, first: Callable[[], Any] | None = None) -> None:
     """`scene-llava` (the demo's captioner) knows only the demo's generated scenes: on other images it says so."""
     if not units or not any(m.path == "scene-llava" for m in cfg.models):
         return
-    from recaption.sources import first_record
-
-    record = first_record(units[0], cfg.input)
+    record = (first or first_row(cfg, units))()
     if record is not None and not (record.url or "").startswith(SCENE_URL):
         log.warning(
             "scene-llava only knows the demo's generated scenes (coloured shapes on a 3x3 grid): its captions of "
@@ -347,17 +355,17 @@ def warn_scene_captioner(cfg: PipelineConfig, units: list) -> None:
         )
 
 
-def kept_columns(cfg: PipelineConfig, units: list) -> list[dict]:
+def kept_columns(cfg: PipelineConfig, units: list, first: Callable[[], Any] | None = None) -> list[dict]:
     """The source fields this output keeps as columns (`input.keep_columns`). `auto` keeps the img2dataset fields that
     the input's first row has (its first unit is the same on every run over the same input, so every part file of
     the output gets the same schema)."""
     from recaption.fields import AUTO_FORMATS, kept_fields
-    from recaption.sources import first_fields
 
     fmt = units[0].format if units else cfg.input.format
     present = None
     if cfg.input.keep_columns == "auto" and fmt in AUTO_FORMATS:
-        present = first_fields(units[0], cfg.input) if units else set()
+        record = (first or first_row(cfg, units))()
+        present = set(record.meta or ()) if record is not None else set()
     kept = kept_fields(cfg.input.keep_columns, fmt, list(OUTPUT_SCHEMA.names), present)
     return [dataclasses.asdict(f) for f in kept]
 

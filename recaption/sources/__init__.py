@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from recaption.sources.images import FORMATS, decode_image, load_rgb, to_rgb
     from recaption.sources.parquet import parquet_rows
     from recaption.sources.plan import TAR_SUFFIXES, plan_units, unit_id
-    from recaption.sources.read import first_fields, first_record, fs, read_unit, tar
+    from recaption.sources.read import first_record, fs, read_unit, tar
     from recaption.sources.tar import read_samples, write_webdataset
     from recaption.sources.tarplan import COMPRESSED_TARS, INDEX_DIR, cached_counts, count_samples
     from recaption.sources.units import WorkUnit
@@ -48,7 +48,6 @@ _EXPORTS = {
     "count_samples": "recaption.sources.tarplan",
     "decode_image": "recaption.sources.images",
     "display": "recaption.sources.fs",
-    "first_fields": "recaption.sources.read",
     "first_record": "recaption.sources.read",
     "fs": "recaption.sources.read",
     "is_uri": "recaption.sources.fs",
@@ -85,7 +84,6 @@ __all__ = [
     "count_samples",
     "decode_image",
     "display",
-    "first_fields",
     "first_record",
     "fs",
     "is_uri",

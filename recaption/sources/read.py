@@ -81,13 +81,6 @@ def read_unit(unit: WorkUnit, input_cfg: InputConfig) -> Iterator[SourceRecord]:
             return
 
 
-def first_fields(unit: WorkUnit, input_cfg: InputConfig) -> set[str]:
-    """The source fields (a tar sample's `.json` keys, a table's kept columns) of the unit's first row; none for an
-    empty or unreadable unit (its own read reports that)."""
-    record = first_record(unit, input_cfg)
-    return set(record.meta or ()) if record is not None else set()
-
-
 def first_record(unit: WorkUnit, input_cfg: InputConfig) -> SourceRecord | None:
     """The unit's first record, None for an empty or unreadable unit (its own read reports that)."""
     try:
