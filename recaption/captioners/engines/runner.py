@@ -151,7 +151,11 @@ class BatchRunner(Runner):
         super().__init__(captioner, batch_size)
         self.batch_size = batch_size
         self.ready: queue.Queue[tuple[list[Request], Any] | None] = queue.Queue(maxsize=1)
-        self.engine_busy = threading.Event()
+        # Batches handed to the engine thread and not yet finished (the one generating and the one waiting in
+        # `ready`): the engine is idle only when this is 0, so a batch that waits in `ready` still counts as work
+        # and the next batch fills meanwhile instead of leaving with what happened to be queued.
+        self.outstanding = 0
+        self.outstanding_lock = threading.Lock()
         self.held: deque[Request] = deque()
         self.threads = [
             threading.Thread(target=self._prepare_loop, name="recaption-prepare", daemon=True),
@@ -176,7 +180,7 @@ class BatchRunner(Runner):
                 try:
                     request = self._next(block=False)
                 except queue.Empty:
-                    if not self.engine_busy.is_set():
+                    if not self.engine_has_work():
                         break  # the engine is idle: go with what there is
                     time.sleep(0.001)  # the engine is busy anyway: let the batch fill meanwhile
                     continue
@@ -185,7 +189,13 @@ class BatchRunner(Runner):
                     break
                 (batch if _batchable(first, request) else later).append(request)
             self.held.extendleft(reversed(later))
+            with self.outstanding_lock:
+                self.outstanding += 1
             self.ready.put((batch, self._prepare(batch)))
+
+    def engine_has_work(self) -> bool:
+        with self.outstanding_lock:
+            return self.outstanding > 0
 
     def _prepare(self, batch: list[Request]) -> Any:
         prepare = getattr(self.captioner, "prepare", None)
@@ -204,10 +214,11 @@ class BatchRunner(Runner):
                 return
             batch, prepared = item
             if self.dead:
+                with self.outstanding_lock:
+                    self.outstanding -= 1
                 self._die(EngineDeadError(self.dead), batch)
                 continue
             self._entered(len(batch))
-            self.engine_busy.set()
             start = time.monotonic()
             try:
                 results = self._generate(batch, prepared)
@@ -220,7 +231,8 @@ class BatchRunner(Runner):
                 continue
             finally:
                 self.metrics.engine_time(time.monotonic() - start, len(batch))
-                self.engine_busy.clear()
+                with self.outstanding_lock:
+                    self.outstanding -= 1
             for request, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     with self.metrics.lock:
