@@ -206,6 +206,7 @@ def _bare_generate(images: list | None = None) -> tuple[float, int, int, float]:
     gen = model.generation
     requests = [captioner.vllm_request(im, _BARE["prompt"]) for im in images]
     params = [sampling_params(gen, i) for i in range(len(requests))]
+    _reset_caches(captioner.llm)  # the engine stays between repeats: a repeat must not find the last one's blocks
     start = time.perf_counter()
     outputs = captioner.llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - start

@@ -89,7 +89,7 @@ class Runner:
     def __init__(self, captioner: Any, capacity: int) -> None:
         self.captioner = captioner
         self.metrics = Metrics(capacity)
-        self.inbox: queue.Queue[Request | None] = queue.Queue()
+        self.inbox: queue.Queue[Any] = queue.Queue()  # requests; None closes (a runner may add its own markers)
         self.dead: str | None = None
         self.closed = False
 
@@ -279,34 +279,83 @@ def _batch_gen(batch: list[Request]) -> GenerationConfig:
 
 class VLLMRunner(Runner):
     """vLLM: each request is added to the engine when it arrives and the engine is stepped continuously, so requests
-    of the next unit join the running batch while the current one drains. Of the requests sharing an image, the
-    first enters alone and the others once its prefill is done, so theirs hits the prefix cache (image tokens first)
-    and skips the vision encoder."""
+    of the next unit join the running batch while the current one drains. A request is rendered (chat format, the
+    image through the checkpoint's processor, its hash: vLLM's `Renderer`) on a thread of its own, so the thread that
+    steps the engine only adds finished inputs and steps; requests are rendered and added in one order, which vLLM's
+    multimodal cache (the renderer's side mirrors the engine's) needs. Of the requests sharing an image, the first
+    enters alone and the others are rendered and added once its prefill is done, so theirs hits the prefix cache
+    (image tokens first) and skips the vision encoder."""
 
     def __init__(self, captioner: Any, capacity: int) -> None:
         super().__init__(captioner, capacity)
         self.engine = captioner.llm.llm_engine
+        self.render = _renderer(captioner)
         self.ids = itertools.count()
         self.pending: dict[str, Request] = {}
+        # Rendered requests in render order (a request's input, or the exception its rendering raised, and whether
+        # it leads its image), for the stepping thread to add in that order; None after the last.
+        self.rendered: queue.Queue[tuple[Request, Any, bool] | None] = queue.Queue()
+        self.lock = threading.Lock()  # guards followers and released, shared by the two threads
         self.followers: dict[Any, list[Request]] = {}  # image_key → requests waiting for their leader's prefill
-        self.leaders: dict[str, Any] = {}  # request id → image_key, until its prefill is done
+        self.released: deque[Request] = deque()  # followers whose leader's prefill is done: rendered first
+        self.leaders: dict[str, Any] = {}  # request id → image_key, until its prefill is done (stepping thread)
+        self.render_thread = threading.Thread(target=self._render_loop, name="recaption-render", daemon=True)
         self.thread = threading.Thread(target=self._loop, name="recaption-vllm", daemon=True)
+        self.render_thread.start()
         self.thread.start()
+
+    def _render_loop(self) -> None:
+        while True:
+            item = self.inbox.get()
+            with self.lock:
+                batch, self.released = list(self.released), deque()
+            for follower in batch:
+                self._render(follower, leader=False)
+            if item is None:
+                self.rendered.put(None)
+                return
+            if item is _WAKE:
+                continue
+            key = item.image_key
+            with self.lock:
+                if key is not None and key in self.followers:
+                    self.followers[key].append(item)  # its leader is still in prefill
+                    continue
+                if key is not None:
+                    self.followers[key] = []  # it leads: the others of its image wait for its prefill
+            self._render(item, leader=key is not None)
+
+    def _render(self, request: Request, leader: bool) -> None:
+        if self.dead:
+            self.rendered.put((request, EngineDeadError(self.dead), leader))
+            return
+        try:
+            self.rendered.put((request, self.render(request), leader))
+        except Exception as e:  # this request's image or prompt: it fails alone
+            self.rendered.put((request, e, leader))
+
+    def _release(self, key: Any) -> None:
+        """The leader of `key` has its first token (or was refused): its image's followers go to be rendered."""
+        with self.lock:
+            waiting = self.followers.pop(key, [])
+            self.released.extend(waiting)
+        if waiting:
+            self.inbox.put(_WAKE)
 
     def _loop(self) -> None:
         while True:
             idle = not self.pending
             try:
-                arrived = [self.inbox.get()] if idle else []
+                arrived = [self.rendered.get()] if idle else []
                 while True:
-                    arrived.append(self.inbox.get_nowait())
+                    arrived.append(self.rendered.get_nowait())
             except queue.Empty:
                 pass
-            if None in arrived:
-                self._abort_all()
-                return
-            for request in arrived:
-                self._admit(request)
+            for item in arrived:
+                if item is None:
+                    self._abort_all()
+                    return
+                self._add(*item)
             if self.dead or not self.pending:
                 continue
             start = time.monotonic()
@@ -322,30 +371,24 @@ class VLLMRunner(Runner):
                 self._progress(out)
             self._cache_stats()
 
-    def _admit(self, request: Request) -> None:
-        if self.dead:
-            _fail(request, EngineDeadError(self.dead))
-            return
-        key = request.image_key
-        if key is not None and key in self.followers:
-            self.followers[key].append(request)  # its leader is still in prefill
-            return
-        rid = self._add(request, leader=key is not None)
-        if rid is not None and key is not None:
-            self.followers[key] = []
-            self.leaders[rid] = key
-
-    def _add(self, request: Request, leader: bool = False) -> str | None:
-        """Adds one request to the engine; its id, or None when vLLM refused it (it fails alone) or is dead."""
+    def _add(self, request: Request, prompt: Any, leader: bool) -> None:
+        """Adds one rendered request to the engine; one vLLM refuses (or whose rendering failed) fails alone."""
         from recaption.captioners.engines.vllm import final_only, sampling_params
 
+        if self.dead or isinstance(prompt, BaseException):
+            with self.metrics.lock:
+                self.metrics.waiting -= 1
+            _fail(request, EngineDeadError(self.dead) if self.dead else prompt)
+            if leader:
+                self._release(request.image_key)
+            return
         rid = f"recaption-{next(self.ids)}"
         params = sampling_params(request.gen, request.index)
         if not leader:  # only a leader's first token matters before the end: the others report once, finished
             final_only(params)
         try:
             fault_call("engine:kill-core", self.captioner.watchdog.kill_engine_soon)
-            self.engine.add_request(rid, self.captioner.vllm_request(request.image, request.prompt), params)
+            self.engine.add_request(rid, prompt, params)
         except Exception as e:
             with self.metrics.lock:
                 self.metrics.waiting -= 1
@@ -354,28 +397,42 @@ class VLLMRunner(Runner):
                 self.pending.clear()
             else:  # vLLM refused this request alone (its image, its length): it fails, the others go on
                 _fail(request, e)
-            return None
+                if leader:
+                    self._release(request.image_key)
+            return
         self.pending[rid] = request
+        if leader:
+            self.leaders[rid] = request.image_key
         self._entered(1)
-        return rid
 
     def _progress(self, out: Any) -> None:
         from recaption.captioners.engines.vllm import _generations
 
         key = self.leaders.pop(out.request_id, None)
         if key is not None:  # the leader's prefill is done (it has a token): its image's blocks are cached now
-            for follower in self.followers.pop(key, []):
-                self._add(follower)
+            self._release(key)
         if out.finished:
             request = self.pending.pop(out.request_id, None)
             if request is not None:
                 self._finish(request, _generations(out, request.gen.n))
 
     def _die(self, error: BaseException, pending: list[Request]) -> None:
-        waiting = [r for rs in self.followers.values() for r in rs]
-        self.followers.clear()
+        """Fails what the engine held and what waits for a leader; what is queued or being rendered fails as it
+        reaches `_add` (the render thread keeps the inbox: a close still ends both threads)."""
+        self.dead = f"{type(error).__name__}: {error}"
+        log.error("model %s: the engine is dead: %s", getattr(self.captioner, "model_id", "?"), self.dead)
         self.leaders.clear()
-        super()._die(error, [*pending, *waiting])
+        for request in [*pending, *self._take_waiting()]:
+            _fail(request, EngineDeadError(self.dead))
+
+    def _take_waiting(self) -> list[Request]:
+        with self.lock:
+            waiting = [r for rs in self.followers.values() for r in rs] + list(self.released)
+            self.followers.clear()
+            self.released.clear()
+        with self.metrics.lock:
+            self.metrics.waiting -= len(waiting)
+        return waiting
 
     def _cache_stats(self) -> None:
         get = getattr(self.engine, "get_metrics", None)
@@ -396,10 +453,26 @@ class VLLMRunner(Runner):
                 self.engine.abort_request(list(self.pending))
             except Exception:
                 log.debug("aborting requests failed", exc_info=True)
-        for request in [*self.pending.values(), *(r for rs in self.followers.values() for r in rs)]:
+        for request in [*self.pending.values(), *self._take_waiting()]:
             _fail(request, EngineError("the runner was closed"))
         self.pending.clear()
-        self.followers.clear()
+
+
+_WAKE = object()  # wakes the render thread for released followers
+
+
+def _renderer(captioner: Any) -> Any:
+    """A request's input as vLLM's engine takes it: rendered by the offline `LLM`'s own path (chat format applied
+    by us, the image through the multimodal processor) where this vLLM has it; the raw prompt otherwise, which
+    `add_request` renders itself (on the stepping thread, as before vLLM had a separate renderer)."""
+    render = getattr(captioner.llm, "_preprocess_cmpl_one", None)
+
+    def raw(request: Request) -> Any:
+        return captioner.vllm_request(request.image, request.prompt)
+
+    if render is None:
+        return raw
+    return lambda request: render(raw(request))
 
 
 def make_runner(captioner: Any, model: ModelConfig) -> Runner:
