@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -150,17 +151,33 @@ def iter_units(ds) -> Iterator[dict]:
     try:
         yield from ds.iter_rows()
     except RayError as e:
-        cause: BaseException = e
-        while True:
-            inner = getattr(cause, "cause", None) or cause.__cause__
-            if inner is None or inner is cause:
-                break
-            cause = inner
-        text = " ".join(str(cause).split())[:500]
         raise RecaptionError(
-            f"the run stopped: {type(cause).__name__}: {redact_text(text)} (finished units are kept; rerun to resume, "
-            "--verbose for details)"
+            f"the run stopped: {root_cause(e)} (finished units are kept; rerun to resume, --verbose for details)"
         ) from e
+
+
+# The last "SomeError: message" line of a remote traceback, for errors whose cause did not travel as an object.
+_TRACEBACK_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+_WRAPPERS = {"UserCodeException", "RayTaskError", "RayActorError", "RayError"}
+
+
+def root_cause(error: BaseException) -> str:
+    """`Type: message` of what a Ray stage raised, through Ray's wrappers (`RayTaskError(UserCodeException)`, whose
+    own message only says that "the UDF failed"): the innermost cause object, else the last error line of the remote
+    traceback that is not a wrapper. One line, redacted."""
+    cause: BaseException = error
+    while True:
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    name, text = type(cause).__name__, str(cause)
+    if name in _WRAPPERS or name.startswith("RayTaskError"):
+        lines = [m for line in str(error).splitlines() if (m := _TRACEBACK_ERROR.match(line.strip()))]
+        found = [m for m in lines if m.group(1) not in _WRAPPERS and not m.group(1).startswith("RayTaskError")]
+        if found:
+            name, text = found[-1].group(1), found[-1].group(2)
+    return f"{name}: {redact_text(' '.join(text.split())[:500])}".rstrip(": ")
 
 
 def place_models(cfg: PipelineConfig) -> list[dict]:

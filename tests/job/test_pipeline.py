@@ -326,3 +326,23 @@ def test_an_output_with_an_empty_unit_and_failed_rows_loads_in_every_reader(tmp_
     assert sorted(hf["key"]) == keys and sorted(hf["status"]) == ["failed", "ok", "ok", "ok"]
     counts = duckdb.sql(f"select status, count(*) from read_parquet('{out}/*.parquet') group by status order by 1")
     assert counts.fetchall() == [("failed", 1), ("ok", 3)]
+
+
+def test_a_stage_that_raises_ends_the_run_naming_the_error_it_raised(ray_session):
+    """Ray wraps what a stage raises (RayTaskError(UserCodeException): "UDF failed to process a data block"): the
+    one line that ends the run names the stage's own error, not the wrapper."""
+    import ray.data
+
+    from recaption.errors import RecaptionError
+    from recaption.job.pipeline import iter_units
+
+    def broken(batch):
+        raise KeyError("s3://bucket/x?X-Amz-Signature=abcdef0123456789 has no field 'jpg'")
+
+    ds = ray.data.range(2, override_num_blocks=1).map_batches(broken)
+    with pytest.raises(RecaptionError) as info:
+        list(iter_units(ds))
+    message = str(info.value)
+    assert message.startswith("the run stopped: KeyError: "), message
+    assert "has no field 'jpg'" in message and "abcdef0123456789" not in message  # a signed URL stays secret
+    assert "UDF failed" not in message and "\n" not in message
