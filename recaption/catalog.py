@@ -61,6 +61,8 @@ REGISTRY: dict[str, dict[str, Any]] = {
     },
     # Tiny random-weight models built locally on first use (recaption/captioners/tiny.py): the demo and tests.
     "tiny-llava": {"tiny": "llava", "family": "llava", "chat_format": "llava", "engine": "hf"},
+    # The same at LLaVA-1.5's geometry (336 px, 576 image tokens): the vLLM bench on a CPU.
+    "tiny-llava-336": {"tiny": "llava-336", "family": "llava", "chat_format": "llava", "engine": "hf"},
     "tiny-instructblip": {
         "tiny": "instructblip",
         "family": "instructblip",

@@ -13,6 +13,10 @@ from typing import Any
 from recaption.errors import ConfigError
 
 FAMILIES = ("llava", "instructblip", "blip2")
+# LLaVA-1.5's geometry at the tiny widths: 336-pixel images in 14-pixel patches, 576 image tokens per image, so the
+# image dominates the prompt as with the real model (the vLLM bench's prefix-cache and k-prompt figures need that;
+# with 16 image tokens the prompts of one image share less than one KV-cache block).
+LLAVA_336 = "llava-336"
 # Bump when the recipe changes so cached checkpoints are rebuilt.
 RECIPE_VERSION = 1
 
@@ -98,9 +102,10 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    if family == "llava":
+    if family in ("llava", LLAVA_336):
         _rewrite_llava_keys_to_hub_layout(out)
-    meta = {"family": family, "seed": seed, "recipe_version": RECIPE_VERSION, "image_size": IMAGE_SIZE}
+    image_size = 336 if family == LLAVA_336 else IMAGE_SIZE
+    meta = {"family": family, "seed": seed, "recipe_version": RECIPE_VERSION, "image_size": image_size}
     (out / "tiny.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -108,7 +113,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_model(family: str, seed: int = 0) -> tuple[Any, Any]:
     """The in-memory (model, processor) that `build_tiny` saves; the same seed gives the same weights."""
     if family not in _BUILDERS:
-        raise ConfigError(f"tiny model family {family!r} is unknown; choose one of {', '.join(FAMILIES)}")
+        raise ConfigError(f"tiny model family {family!r} is unknown; choose one of {', '.join(_BUILDERS)}")
     import torch
 
     torch.manual_seed(seed)
@@ -232,6 +237,11 @@ def _build_llava() -> tuple[Any, Any]:
     return llava_model(tokenizer, _VISION, _TOWER)
 
 
+def _build_llava_336() -> tuple[Any, Any]:
+    tokenizer = _lm_tokenizer(image_token_attribute=True)
+    return llava_model(tokenizer, {**_VISION, "image_size": 336, "patch_size": 14}, _TOWER)
+
+
 def llava_model(tokenizer: Any, vision: dict[str, int], text: dict[str, int]) -> tuple[Any, Any]:
     """A random-weight LLaVA-1.5-style (model, processor) around `tokenizer`: a CLIP tower of `vision`
     (hidden/intermediate size, layers, heads, image_size, patch_size) and a Llama of `text` (the same keys less
@@ -307,6 +317,7 @@ def _build_blip2() -> tuple[Any, Any]:
 
 _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "llava": _build_llava,
+    LLAVA_336: _build_llava_336,
     "instructblip": _build_instructblip,
     "blip2": _build_blip2,
 }

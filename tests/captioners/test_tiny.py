@@ -119,5 +119,18 @@ def test_cache_dir_follows_recaption_cache(monkeypatch, tmp_path):
 
 
 def test_unknown_family_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="llava, instructblip, blip2"):
+    with pytest.raises(ConfigError, match="llava, llava-336, instructblip, blip2"):
         build_tiny("gpt5", tmp_path)
+
+
+def test_llava_at_llava15_geometry_has_576_image_tokens_and_loads_back(tmp_path):
+    """tiny-llava-336: the tiny widths at LLaVA-1.5's 336-px, 14-px-patch geometry (what the vLLM bench runs on a
+    CPU, so the image dominates the prompt as with the real model)."""
+    path = build_tiny("llava-336", tmp_path / "l336")
+    model, info = CLASSES["llava"].from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    batch = processor(images=[Image.new("RGB", (500, 300))], text=["USER: <image>\nhi ASSISTANT:"], return_tensors="pt")
+    assert tuple(batch["pixel_values"].shape) == (1, 3, 336, 336)
+    assert (batch["input_ids"] == model.config.image_token_index).sum().item() == 576
+    assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 3

@@ -6,6 +6,7 @@ run. Tests marked `vllm` skip where vllm is not installed (the main venv); the o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -51,7 +52,7 @@ def model_config(family: str, engine: str = "vllm", **options) -> ModelConfig:
         device="cpu",
         batch_size=8,
         generation=GenerationConfig(max_new_tokens=MAX_NEW),
-        vllm=VLLMOptions(enforce_eager=True, max_model_len=256, **options),
+        vllm=VLLMOptions(**{"enforce_eager": True, "max_model_len": 256, **options}),
     )
 
 
@@ -62,24 +63,29 @@ def requests(n_images: int = 12) -> tuple[list[Image.Image], list[str]]:
     return [im for im in images for _ in PROMPTS], [p for _ in images for p in PROMPTS]
 
 
-@pytest.fixture(scope="module")
-def engines():
-    """One in-process vLLM engine per tiny family, shared by the module (each start costs ~20 s on 2 cores)."""
-    if not HAVE_VLLM:
-        pytest.skip(SKIP_REASON)
+@contextlib.contextmanager
+def in_process_engines():
+    """The CPU build's engine core in this process (no spawned engine process under pytest), 1 GiB of KV cache."""
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # engine core in this process: no spawned engine process under pytest
+    os.environ.update(env)
     try:
-        built = {family: vllm_engine.VLLMCaptioner(model_config(family)) for family in ("llava", "blip2")}
-        yield built
+        yield
     finally:
-        built = None
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """One in-process vLLM engine per tiny family, shared by the module (each start costs ~20 s on 2 cores)."""
+    if not HAVE_VLLM:
+        pytest.skip(SKIP_REASON)
+    with in_process_engines():
+        yield {family: vllm_engine.VLLMCaptioner(model_config(family)) for family in ("llava", "blip2")}
 
 
 @pytest.fixture
@@ -590,3 +596,39 @@ def test_a_killed_engine_core_ends_the_actor_and_the_unit_is_retried_to_every_ro
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert sorted(r["key"] for r in rows) == keys
     assert all(r["status"] == "ok" and r["captions"][0]["n_tokens"] > 0 for r in rows)
+
+
+@vllm_test
+def test_the_prompts_of_one_image_reuse_its_prefill_from_the_prefix_cache():
+    """At LLaVA-1.5's geometry (576 image tokens: four of the CPU build's 128-token KV blocks), an image's second
+    prompt enters the engine once the first one's prefill is done and finds the image's blocks in vLLM's prefix
+    cache: the runner reports the hits the caption stage shows (cache=), and the captions are the ones each prompt
+    gets alone."""
+    from recaption.captioners import Request, make_runner
+
+    model = model_config("llava-336", max_model_len=1024)
+    with in_process_engines():
+        captioner = vllm_engine.VLLMCaptioner(model)
+    images = [Image.open(io.BytesIO(make_image(i, size=(64 + 8 * i, 48)))) for i in range(4)]
+    gen = model.generation
+
+    def run(shared: bool) -> tuple[list[str], dict]:
+        captioner.llm.reset_prefix_cache()
+        runner = make_runner(captioner, model)
+        try:
+            futures = [
+                runner.submit(Request(im, p, gen, 2 * i + k, "u", ("u", i) if shared else None))
+                for i, im in enumerate(images)
+                for k, p in enumerate(PROMPTS)
+            ]
+            texts = [f.result(timeout=120)[0].text for f in futures]
+            return texts, runner.snapshot()
+        finally:
+            runner.close()
+            runner.thread.join(timeout=30)
+
+    alone, before = run(shared=False)
+    together, after = run(shared=True)
+    assert together == alone  # greedy: reusing the cached prefill changes no token
+    hits = after["cache_hits"] - before["cache_hits"]
+    assert hits >= len(images) * 4 * 128, (before, after)  # each second prompt found its image's 4 full blocks
