@@ -32,7 +32,7 @@ from recaption.captioners import Generation, MissingField, Request, clean_captio
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError, ImageError, OutputWriteError
 from recaption.faults import fault_point, fault_raise
-from recaption.job.stages import describe, from_ipc, rows_table, unit_row
+from recaption.job.stages import describe, from_ipc, rows_table, unit_row, unit_rows
 from recaption.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ class CaptionStage:
         self._turns: dict[asyncio.AbstractEventLoop, Turns] = {}
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        for row in batch.to_pylist():
-            if row["error"]:
-                yield rows_table([row])
+        for row in unit_rows(batch):
+            if row["error"]:  # a unit that failed before (its read): it carries no records
+                yield rows_table([row | {"payload": b""}])
                 continue
             try:
                 table = await self.caption_unit_async(row["unit"], from_ipc(row["payload"]))
@@ -93,8 +93,7 @@ class CaptionStage:
     def add_metrics(self, previous: str | None) -> str:
         """The unit's metrics record with this model's engine figures added (the driver aggregates them)."""
         metrics = json.loads(previous) if previous else {}
-        rss = psutil.Process().memory_info().rss
-        metrics[self.model.id] = {**self.runner.snapshot(), "actor": os.getpid(), "rss_mib": round(rss / 2**20, 1)}
+        metrics[self.model.id] = {**self.runner.snapshot(), "actor": os.getpid(), **actor_memory()}
         return json.dumps(metrics)
 
     def end_actor(self, unit: str, error: EngineDeadError) -> NoReturn:
@@ -325,6 +324,19 @@ class CaptionStage:
             self.out.write_json(path, {"attempts": attempt, "model": self.model.id, "unit": unit})
         except OSError as e:
             raise OutputWriteError(redact_text(f"cannot write the output {self.out.uri}: {e}")) from e
+
+
+def actor_memory() -> dict[str, float]:
+    """This process's resident memory in MiB: `rss_mib` all of it, `uss_mib` its own (what it alone holds and
+    would free on exit). The difference is mostly shared pages: libraries, and the units Ray's object store maps in
+    (the store is one per node, bounded by its own limit; its pages show in every process that reads them)."""
+    proc = psutil.Process()
+    rss = proc.memory_info().rss
+    try:
+        uss = proc.memory_full_info().uss
+    except (psutil.Error, AttributeError):  # no smaps to read: own memory unknown
+        uss = rss
+    return {"rss_mib": round(rss / 2**20, 1), "uss_mib": round(uss / 2**20, 1)}
 
 
 def failed_future(error: BaseException) -> Future:

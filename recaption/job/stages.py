@@ -54,8 +54,20 @@ def to_ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
+    """The unit's table; over `data` without a copy (a Buffer stays where it is, e.g. in Ray's object store)."""
+    return pa.ipc.open_stream(data if isinstance(data, pa.Buffer) else pa.py_buffer(data)).read_all()
+
+
+def unit_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """The unit rows of a batch, each payload as a Buffer over the batch's memory: `to_pylist` would copy every
+    unit's image bytes into a Python object (a whole unit, per unit in flight, in a caption actor)."""
+    payloads = batch.column("payload")
+    rows = batch.drop_columns(["payload"]).to_pylist()
+    for i, row in enumerate(rows):
+        cell = payloads[i]
+        row["payload"] = cell.as_buffer() if cell.is_valid else b""
+    return rows
 
 
 def unit_row(

@@ -109,14 +109,16 @@ def test_vllm_engine_section_against_one_bare_generate_ray_data_llm_and_k_prompt
     by_name = {m.name: m for m in result.measurements}
     assert list(by_name) == [
         "vllm pipeline (tiny-llava)",
+        "vllm pipeline vs the bare call's whole rate (tiny-llava)",
         "vllm pipeline vs ray.data.llm (tiny-llava)",
         "vllm: each of 1 extra prompts vs the first (tiny-llava)",  # demo-vllm.yaml's two prompts
         "vllm: prefix-cache hit rate, 2 prompts per image (tiny-llava)",
     ]
-    for name in list(by_name)[:2]:
+    for name in list(by_name)[:3]:
         m = by_name[name]
         assert m.unit == "images/s/engine" and m.value > 0 and m.baseline > 0 and m.repeats == 2, m
-        assert m.spread[0] <= m.ratio <= m.spread[1] and m.verdict in ("met", "MISSED", "crosses")
+        assert m.spread[0] <= m.ratio <= m.spread[1]
+        assert m.verdict in (("met", "MISSED", "crosses") if m.target else (None,)), m
     assert "ONE vllm.LLM.generate over all 32 images" in by_name["vllm pipeline (tiny-llava)"].note
     extra = by_name["vllm: each of 1 extra prompts vs the first (tiny-llava)"]
     assert extra.repeats == 2 and extra.target == "<= 0.4" and "generated tokens per request" in extra.note
