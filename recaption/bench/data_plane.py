@@ -118,8 +118,8 @@ def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: i
     result.add(
         compared(
             f"caption actor memory, {big}- vs {small}-image units", "MiB (own)",
-            [t.actor_uss_mib for t in timings[big]], [t.actor_uss_mib for t in timings[small]], "<= 1.1",
-            f"the largest own memory (USS: pages this process alone holds) a caption actor (fake engine) reported "
+            [t.actor_own_mib for t in timings[big]], [t.actor_own_mib for t in timings[small]], "<= 1.1",
+            f"the largest own memory (anonymous pages: heap, objects, decoded images) a caption actor (fake engine) reported "
             f"with any unit of a run, units {big // small}x as large; decoded images in flight are bounded by the "
             "engine's batch, not the unit, and a unit's bytes are read in place from Ray's object store",
         )

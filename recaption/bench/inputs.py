@@ -97,7 +97,7 @@ class PipelineTiming:
     marginal_images_per_s: float  # (full - short run) images / (full - short run) seconds: start-up cancels out
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the full run: Ray's daemons, the driver
     actor_rss_mib: float = 0.0  # the largest resident memory a caption actor reported with a unit (full run)
-    actor_uss_mib: float = 0.0  # the largest own (unique) memory a caption actor reported with a unit (full run)
+    actor_own_mib: float = 0.0  # the largest own (anonymous) memory a caption actor reported with a unit (full run)
     engine: dict = field(default_factory=dict)  # the last unit's engine figures (runner metrics), by model id
 
     @property
@@ -134,7 +134,7 @@ def timed_pipeline(
         samples.append(cpu_seconds())
         for model, snap in json.loads(row.get("metrics") or "{}").items():
             rss[0] = max(rss[0], float(snap.get("rss_mib", 0.0)))
-            rss[1] = max(rss[1], float(snap.get("uss_mib", 0.0)))
+            rss[1] = max(rss[1], float(snap.get("own_mib", 0.0)))
             engine[model] = snap
 
     seconds, images = _run_once(cfg, on_unit=seen)
@@ -145,7 +145,7 @@ def timed_pipeline(
         log.warning("bench: the short run took as long as the full one; reporting the whole run's rate")
         marginal = images / seconds
     cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-    return PipelineTiming(seconds, images, marginal, cpu, actor_rss_mib=rss[0], actor_uss_mib=rss[1], engine=engine)
+    return PipelineTiming(seconds, images, marginal, cpu, actor_rss_mib=rss[0], actor_own_mib=rss[1], engine=engine)
 
 
 def cpu_seconds() -> dict[str, float]:

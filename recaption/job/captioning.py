@@ -32,7 +32,7 @@ from recaption.captioners import Generation, MissingField, Request, clean_captio
 from recaption.config import GenerationConfig, ImageConfig, ModelConfig, PostprocessConfig
 from recaption.errors import EXIT_ENGINE_DEAD, EngineDeadError, EngineError, ImageError, OutputWriteError
 from recaption.faults import fault_point, fault_raise
-from recaption.job.stages import describe, from_ipc, rows_table, unit_row, unit_rows
+from recaption.job.stages import binary_cell, describe, from_ipc, rows_table, unit_row, unit_rows
 from recaption.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class CaptionStage:
             if todo:
                 await asyncio.to_thread(self.count_attempt, unit, crashed + 1)
             fault_point("caption:start")
-            results = await asyncio.gather(*(self.caption_row(unit, i, rows[i], image_column[i]) for i in todo))
+            results = await asyncio.gather(*(self.caption_row(unit, i, rows[i], image_column) for i in todo))
             if todo:  # this attempt did not crash the engine: if the actor dies before the unit is passed on, the
                 await asyncio.to_thread(self.uncount_attempt, unit, crashed)  # retry is no crash of this unit
         done = []
@@ -166,11 +166,11 @@ class CaptionStage:
             self._turns[loop] = Turns()
         return self._turns[loop]
 
-    async def caption_row(self, unit: str, i: int, row: dict, cell: pa.Scalar) -> list[Any] | None:
+    async def caption_row(self, unit: str, i: int, row: dict, images: pa.ChunkedArray) -> list[Any] | None:
         """Decodes one row's image (when a slot is free) and captions it with every prompt: per prompt its n
         Generations or the exception of its request; None when the image itself failed (the row says why)."""
         async with self.slots():
-            decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.decode, cell)
+            decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.decode, images, i)
             if isinstance(decoded, ImageError):  # the read stage did not look inside: every bad image shows up here
                 row.update(status="failed", error=str(decoded), width=None, height=None, image_sha256=None)
                 return None
@@ -213,12 +213,14 @@ class CaptionStage:
                 return EngineDeadError(f"model {self.model.id}: {describe(e)}")
             return e
 
-    def decode(self, cell: pa.Scalar) -> Any:
-        """The decoded image, or the exception its decode raised (PIL releases the GIL: decode threads overlap)."""
+    def decode(self, images: pa.ChunkedArray, i: int) -> Any:
+        """Image `i` decoded (read in place from the unit's bytes), or the exception its decode raised (PIL releases
+        the GIL: decode threads overlap)."""
         from recaption.sources import decode_image
 
         try:
-            return decode_image(memoryview(cell.as_buffer()) if cell.is_valid else b"", self.image_cfg)
+            data = binary_cell(images, i)
+            return decode_image(memoryview(data) if data is not None else b"", self.image_cfg)
         except Exception as e:
             return e
 
@@ -254,7 +256,7 @@ class CaptionStage:
         loop = asyncio.get_running_loop()
         for k, (i, row, c) in enumerate(bad):  # a few images, decoded again: their pixels were not kept
             prompt = row["captions"][c]["prompt"]
-            decoded = await loop.run_in_executor(self.decode_pool, self.decode, image_column[i])
+            decoded = await loop.run_in_executor(self.decode_pool, self.decode, image_column, i)
             result = await self.result(Request(decoded.image, self.prompts[prompt].fill(row), retry, k, unit))
             if isinstance(result, EngineDeadError):
                 raise result
@@ -327,16 +329,17 @@ class CaptionStage:
 
 
 def actor_memory() -> dict[str, float]:
-    """This process's resident memory in MiB: `rss_mib` all of it, `uss_mib` its own (what it alone holds and
-    would free on exit). The difference is mostly shared pages: libraries, and the units Ray's object store maps in
-    (the store is one per node, bounded by its own limit; its pages show in every process that reads them)."""
-    proc = psutil.Process()
-    rss = proc.memory_info().rss
+    """This process's resident memory in MiB: `rss_mib` all of it; `own_mib` its anonymous pages (heap, Python
+    objects, decoded images: what it alone holds and frees on exit). The rest is shared: libraries, and the units
+    it reads in place from Ray's object store (the store's pages, one store per node under its own limit)."""
+    rss = psutil.Process().memory_info().rss
+    own = rss
     try:
-        uss = proc.memory_full_info().uss
-    except (psutil.Error, AttributeError):  # no smaps to read: own memory unknown
-        uss = rss
-    return {"rss_mib": round(rss / 2**20, 1), "uss_mib": round(uss / 2**20, 1)}
+        with open("/proc/self/status") as f:
+            own = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: all of it
+        pass
+    return {"rss_mib": round(rss / 2**20, 1), "own_mib": round(own / 2**20, 1)}
 
 
 def failed_future(error: BaseException) -> Future:

@@ -92,3 +92,58 @@ def test_decoding_on_one_or_several_threads_gives_the_same_rows(tmp_path, num_cp
     assert rows[1]["error"].startswith("truncated image") and rows[1]["image_sha256"] is None
     assert [r["width"] for r in rows] == [50, None, 52, 53] and all(len(r["captions"]) == 2 for r in rows[::2])
     assert rows[0]["image"] == images[0]  # a stage before another model's keeps the bytes
+
+
+def test_a_unit_is_captioned_without_copying_its_image_bytes(tmp_path):
+    """A 60 MB unit (200 noise JPEGs) through a caption stage: its own memory grows by far less than the unit, since
+    the payload and each image are read in place (indexing the columns copied the unit twice: +120 MB)."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from recaption.job.captioning import actor_memory
+    from recaption.job.stages import rows_table, unit_row
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(
+        buf, format="JPEG", quality=30
+    )
+    big = buf.getvalue()
+
+    def batch(n: int) -> pa.Table:
+        rows = [
+            {"key": f"k{i}", "source": "s.tar", "unit": "u", "url": None, "alt_text": None, "width": None,
+             "height": None, "image_sha256": None, "status": "ok", "error": None, "captions": [], "image": big}
+            for i in range(n)
+        ]  # fmt: skip
+        return rows_table([unit_row("u", 0.0, pa.Table.from_pylist(rows, schema=PAYLOAD_SCHEMA))])
+
+    cfg = ModelConfig(path="fake", engine="fake", prompts=["short"], batch_size=4)
+    s = CaptionStage(
+        cfg.model_dump(), {"short": get_prompt("short")}, PostprocessConfig().model_dump(), None,
+        image_cfg={"max_side": 256}, keep_images=False,
+    )  # fmt: skip
+
+    async def caption(b: pa.Table) -> list[pa.Table]:
+        return [out async for out in s(b)]
+
+    asyncio.run(caption(batch(8)))  # threads, imports, the decoder's buffers
+    unit = batch(200)
+    assert unit.nbytes > 50 << 20
+    before, peak, done = actor_memory()["own_mib"], [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], actor_memory()["own_mib"])
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        (out,) = asyncio.run(caption(unit))
+    finally:
+        done.set()
+        sampler.join()
+    assert out.num_rows == 1 and out.column("error")[0].as_py() is None
+    assert peak[0] - before < 24, (before, peak[0])  # MiB

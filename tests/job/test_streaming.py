@@ -87,12 +87,13 @@ def test_decoded_images_in_flight_are_bounded_whatever_the_unit_size(tmp_path, r
     def on_unit(row):
         import json
 
-        seen.append(json.loads(row["metrics"])["fake"]["rss_mib"])
+        seen.append(json.loads(row["metrics"])["fake"]["own_mib"])  # its own memory (shared pages aside)
 
     run_pipeline(cfg, progress=False, on_unit=on_unit)
     assert len(seen) == 20
     early, late = max(seen[2:6]), max(seen[-5:])  # after the first units (imports, warm-up); the largest units
-    assert late <= 1.1 * early + 16, seen
+    # 240 decoded images at once would be 720 MB more; what is left is the allocator keeping freed decode buffers
+    assert late <= 1.1 * early + 48, seen
 
 
 @pytest.mark.parametrize("bounds", [[1, 3]])

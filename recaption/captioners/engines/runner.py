@@ -299,6 +299,7 @@ class VLLMRunner(Runner):
         self.followers: dict[Any, list[Request]] = {}  # image_key → requests waiting for their leader's prefill
         self.released: deque[Request] = deque()  # followers whose leader's prefill is done: rendered first
         self.leaders: dict[str, Any] = {}  # request id → image_key, until its prefill is done (stepping thread)
+        self.stats_at = 0.0  # when vLLM's cache counters were last read
         self.render_thread = threading.Thread(target=self._render_loop, name="recaption-render", daemon=True)
         self.thread = threading.Thread(target=self._loop, name="recaption-vllm", daemon=True)
         self.render_thread.start()
@@ -367,9 +368,13 @@ class VLLMRunner(Runner):
                 continue
             finally:
                 self.metrics.engine_time(time.monotonic() - start, len(self.pending))
+            # vLLM's cache counters, read before the outputs resolve any future (a unit that ends here reports them
+            # up to date): every 0.5 s, and whenever this step ends the last request in the engine.
+            finished = sum(1 for out in outputs if out.finished)
+            if finished >= len(self.pending) or time.monotonic() - self.stats_at >= 0.5:
+                self._cache_stats()
             for out in outputs:
                 self._progress(out)
-            self._cache_stats()
 
     def _add(self, request: Request, prompt: Any, leader: bool) -> None:
         """Adds one rendered request to the engine; one vLLM refuses (or whose rendering failed) fails alone."""
@@ -435,6 +440,7 @@ class VLLMRunner(Runner):
         return waiting
 
     def _cache_stats(self) -> None:
+        self.stats_at = time.monotonic()
         get = getattr(self.engine, "get_metrics", None)
         if get is None or not getattr(self.engine, "log_stats", False):
             return
