@@ -330,8 +330,8 @@ class CaptionStage:
 
 def actor_memory() -> dict[str, float]:
     """This process's resident memory in MiB: `rss_mib` all of it; `own_mib` its anonymous pages (heap, Python
-    objects, decoded images: what it alone holds and frees on exit). The rest is shared: libraries, and the units
-    it reads in place from Ray's object store (the store's pages, one store per node under its own limit)."""
+    objects, the units Ray handed it, decoded images: what it alone holds and frees on exit). The rest is files and
+    shared memory (libraries, pages of Ray's object store it has mapped)."""
     rss = psutil.Process().memory_info().rss
     own = rss
     try:

@@ -55,7 +55,7 @@ def to_ipc(table: pa.Table) -> bytes:
 
 
 def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
-    """The unit's table; over `data` without a copy (a Buffer stays where it is, e.g. in Ray's object store)."""
+    """The unit's table over `data`, without a copy."""
     return pa.ipc.open_stream(data if isinstance(data, pa.Buffer) else pa.py_buffer(data)).read_all()
 
 
@@ -78,8 +78,8 @@ def binary_cell(column: pa.ChunkedArray | pa.Array, i: int) -> pa.Buffer | None:
 
 
 def unit_rows(batch: pa.Table) -> list[dict[str, Any]]:
-    """The unit rows of a batch, each payload a Buffer over the batch's memory (in a caption actor, Ray's object
-    store), not a copy of the unit's image bytes."""
+    """The unit rows of a batch, each payload a Buffer over the batch's memory, not a copy of the unit's image
+    bytes (Ray has already made one: it hands an actor the block deserialized into the actor's own memory)."""
     payloads = batch.column("payload")
     rows = batch.drop_columns(["payload"]).to_pylist()
     for i, row in enumerate(rows):
