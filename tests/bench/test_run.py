@@ -22,6 +22,7 @@ SECTIONS_NAMES = {
     "corner tokens K=2 vs K=0",
     "scaling: 1 worker(s), 4 units",
     "scaling: 2 worker(s), 8 units",
+    "caption actor memory, 16- vs 8-image units",
     "caption actor RSS, 16- vs 8-image units",
 }
 
@@ -49,7 +50,7 @@ def test_quick_bench_measures_every_section(tmp_path):
         else:
             assert abs(m["ratio"] - m["value"] / m["baseline"]) < 1e-9 * m["ratio"], m
     by_name = {m["name"]: m for m in report["measurements"]}
-    for name in ("data plane (fake engine)", "hf engine (tiny-llava)", "caption actor RSS, 16- vs 8-image units"):
+    for name in ("data plane (fake engine)", "hf engine (tiny-llava)", "caption actor memory, 16- vs 8-image units"):
         assert by_name[name]["repeats"] >= 2 and by_name[name]["verdict"] in ("met", "MISSED", "crosses"), name
     machine = report["machine"]
     assert machine["bench_cpus"] == 2 and machine["versions"]["torch"] and machine["cpu"]

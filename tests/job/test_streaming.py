@@ -70,7 +70,7 @@ def test_every_unit_file_holds_its_own_rows_in_source_order(tmp_path, ray_sessio
 
 
 def test_decoded_images_in_flight_are_bounded_whatever_the_unit_size(tmp_path, ray_session):
-    """20 units from 4 to 240 large images: the caption actor's resident memory stays flat (the whole unit
+    """20 units from 4 to 240 large images: the caption actor's own memory stays flat (the whole unit
     decoded at once, as before, would hold up to 240 × 3 MB)."""
     buf = io.BytesIO()
     Image.new("RGB", (1024, 1024), (90, 120, 30)).save(buf, format="JPEG", quality=50)
