@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.bench.result import BenchResult, Measurement, compared, default_workdir, format_table, interleaved
     from recaption.bench.run import run_bench
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "BenchResult": "recaption.bench.result",
     "Measurement": "recaption.bench.result",
@@ -31,7 +31,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

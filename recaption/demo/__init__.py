@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.demo.ablation import commit_captions, run_ablation
@@ -23,8 +24,7 @@ if TYPE_CHECKING:
     )
     from recaption.demo.scene_captioner import DEFAULT_STEPS, META_FILE, train_scene_captioner
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "DEFAULT_STEPS": "recaption.demo.scene_captioner",
     "DEMO_SEED": "recaption.demo.run",
@@ -65,7 +65,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

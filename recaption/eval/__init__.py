@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.eval.datasets import ClassificationSet, EvalSet
@@ -24,8 +25,7 @@ if TYPE_CHECKING:
     from recaption.eval.trainer import TrainerEncoder
     from recaption.eval.zeroshot import build_classifier, zeroshot_metrics
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "BACKGROUNDS": "recaption.eval.synthetic",
     "COLOURS": "recaption.eval.synthetic",
@@ -70,7 +70,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.outputs.export import export_output
@@ -11,8 +12,7 @@ if TYPE_CHECKING:
     from recaption.outputs.reading import part_paths
     from recaption.outputs.report import build_report
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "build_report": "recaption.outputs.report",
     "export_output": "recaption.outputs.export",
@@ -27,7 +27,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.sources.fs import (
@@ -30,8 +31,7 @@ if TYPE_CHECKING:
     from recaption.sources.tarplan import COMPRESSED_TARS, INDEX_DIR, cached_counts, count_samples
     from recaption.sources.units import WorkUnit
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "COMPRESSED_TARS": "recaption.sources.tarplan",
     "FORMATS": "recaption.sources.images",
@@ -106,7 +106,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

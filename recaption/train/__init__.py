@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recaption.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from recaption.train.config import ModelConfig, load_train_config
@@ -14,8 +15,7 @@ if TYPE_CHECKING:
     from recaption.train.run import prepare_run, run_training, train_command
     from recaption.train.tokenizer import encode, load_tokenizer
 
-# The names other rooms use, each loaded from its module on first use: importing the room stays light, and a
-# module that moves inside the room changes this table, not its importers.
+# The names other rooms use, loaded on first use (recaption/lazy.py).
 _EXPORTS = {
     "Batches": "recaption.train.data",
     "ContrastiveModel": "recaption.train.model",
@@ -56,7 +56,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
