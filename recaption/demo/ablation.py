@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recaption.demo.run import cpu_run
 from recaption.errors import ConfigError
 
 ARMS: dict[str, dict[str, Any]] = {
@@ -177,19 +178,7 @@ def arm_config(arm: str, data_path: Path, output: Path, steps: int, seed: int, b
         },  # fmt: skip
         "loss": {**spec["loss"], "multi_positive": 0.0, "grouping": 0.0, "slot_weighting": "per_slot"},
         "optim": {"lr": 2e-3, "warmup_steps": max(1, steps // 20), "weight_decay": 0.05, "grad_clip": 1.0},
-        "run": {
-            "output": str(output),
-            "steps": steps,
-            "batch_size": batch_size,
-            "precision": "fp32",
-            "device": "cpu",
-            "seed": seed,
-            "log_every": steps,
-            "checkpoint_every": steps,
-            "keep_checkpoints": 1,
-            "resume": False,
-        },
-        "distributed": {"num_workers": 1},
+        **cpu_run(output, steps, batch_size, seed),
     }
 
 

@@ -337,20 +337,16 @@ def demo_train_config(data_path: Path, output: Path, steps: int, seed: int, batc
         },
         "loss": {**spec["loss"], "grouping": 0.0},
         "optim": {"lr": 5e-3, "warmup_steps": min(10, steps // 10), "weight_decay": 0.05, "grad_clip": 1.0},
-        "run": {
-            "output": str(output),
-            "steps": steps,
-            "batch_size": batch_size,
-            "precision": "fp32",
-            "device": "cpu",
-            "seed": seed,
-            "log_every": steps,
-            "checkpoint_every": steps,
-            "keep_checkpoints": 1,
-            "resume": False,
-        },
-        "distributed": {"num_workers": 1},
+        **cpu_run(output, steps, batch_size, seed),
     }
+
+
+def cpu_run(output, steps: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """The `run` and `distributed` sections of a train config for one short fp32 run on the CPU, saved once at the
+    end (the demo's and the ablation's small models)."""
+    run = {"output": str(output), "steps": steps, "batch_size": batch_size, "precision": "fp32", "device": "cpu"}
+    run |= {"seed": seed, "log_every": steps, "checkpoint_every": steps, "keep_checkpoints": 1, "resume": False}
+    return {"run": run, "distributed": {"num_workers": 1}}
 
 
 def demo_train_and_measure(
