@@ -113,7 +113,7 @@ class Lease:
             if current is not None and current.run_id != self.run_id:
                 reason = self.stale_reason(current)
                 if reason is None:
-                    raise self._busy(current)
+                    raise self.busy_error(current)
                 log.warning("taking over the output lease of %s: %s", current.describe(), reason)
             now = time.time()
             self.holder.since = self.holder.since or now
@@ -129,10 +129,11 @@ class Lease:
                 self._start_heartbeat()
                 return self
             if winner is not None:
-                raise self._busy(winner)
+                raise self.busy_error(winner)
         raise OutputBusyError(f"output.path {self.out.uri}: could not take its lease ({LEASE_FILE}); retry")
 
-    def _busy(self, holder: Holder) -> OutputBusyError:
+    def busy_error(self, holder: Holder) -> OutputBusyError:
+        """What a run says when `holder` holds the lease (`recaption plan` says it too)."""
         ago = max(time.time() - holder.heartbeat_at, 0.0)
         return OutputBusyError(
             f"output.path {self.out.uri} is in use by {holder.describe()}, last heartbeat {ago:.0f} s ago; "

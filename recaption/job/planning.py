@@ -318,6 +318,7 @@ def plan_output(cfg: PipelineConfig, inp: InputPlan) -> tuple[OutputPlan, list[s
     holder = lease.read()
     if holder is not None and lease.stale_reason(holder) is None:
         plan.holder = holder.describe()
+        problems.append(str(lease.busy_error(holder)))  # a run started now would stop on the lease, saying this
     return plan, problems
 
 
