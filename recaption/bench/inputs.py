@@ -126,15 +126,15 @@ def timed_pipeline(
         if warm_up:  # Ray's worker processes start and import once, as in any long run
             _run_once(short)
         s_seconds, s_images = _run_once(short)
-    before, samples, rss, engine = cpu_seconds(), [], [0.0, 0.0], {}
+    before, samples, memory, engine = cpu_seconds(), [], {"rss_mib": 0.0, "own_mib": 0.0}, {}
 
     def seen(row: dict) -> None:
         if on_unit is not None:
             on_unit(row)
         samples.append(cpu_seconds())
         for model, snap in json.loads(row.get("metrics") or "{}").items():
-            rss[0] = max(rss[0], float(snap.get("rss_mib", 0.0)))
-            rss[1] = max(rss[1], float(snap.get("own_mib", 0.0)))
+            for key in memory:  # the largest each actor reported
+                memory[key] = max(memory[key], float(snap.get(key, 0.0)))
             engine[model] = snap
 
     seconds, images = _run_once(cfg, on_unit=seen)
@@ -145,7 +145,9 @@ def timed_pipeline(
         log.warning("bench: the short run took as long as the full one; reporting the whole run's rate")
         marginal = images / seconds
     cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-    return PipelineTiming(seconds, images, marginal, cpu, actor_rss_mib=rss[0], actor_own_mib=rss[1], engine=engine)
+    return PipelineTiming(
+        seconds, images, marginal, cpu, actor_rss_mib=memory["rss_mib"], actor_own_mib=memory["own_mib"], engine=engine
+    )
 
 
 def cpu_seconds() -> dict[str, float]:

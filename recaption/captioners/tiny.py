@@ -39,6 +39,7 @@ _TOWER = {
     "num_attention_heads": HEADS,
 }
 _VISION = {**_TOWER, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+_VISION_336 = {**_VISION, "image_size": 336, "patch_size": 14}  # LLaVA-1.5's: 24 x 24 = 576 image tokens
 _QFORMER = {**_TOWER, "encoder_hidden_size": WIDTH, "max_position_embeddings": 128}
 
 # LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:".
@@ -104,7 +105,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     processor.save_pretrained(out)
     if family in ("llava", LLAVA_336):
         _rewrite_llava_keys_to_hub_layout(out)
-    image_size = 336 if family == LLAVA_336 else IMAGE_SIZE
+    image_size = (_VISION_336 if family == LLAVA_336 else _VISION)["image_size"]
     meta = {"family": family, "seed": seed, "recipe_version": RECIPE_VERSION, "image_size": image_size}
     (out / "tiny.json").write_text(json.dumps(meta, indent=2))
     return out
@@ -239,7 +240,7 @@ def _build_llava() -> tuple[Any, Any]:
 
 def _build_llava_336() -> tuple[Any, Any]:
     tokenizer = _lm_tokenizer(image_token_attribute=True)
-    return llava_model(tokenizer, {**_VISION, "image_size": 336, "patch_size": 14}, _TOWER)
+    return llava_model(tokenizer, _VISION_336, _TOWER)
 
 
 def llava_model(tokenizer: Any, vision: dict[str, int], text: dict[str, int]) -> tuple[Any, Any]:

@@ -161,6 +161,10 @@ _TRACEBACK_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exc
 _WRAPPERS = {"UserCodeException", "RayTaskError", "RayActorError", "RayError"}
 
 
+def _is_wrapper(name: str) -> bool:
+    return name in _WRAPPERS or name.startswith("RayTaskError")  # RayTaskError(KeyError) is a class of its own
+
+
 def root_cause(error: BaseException) -> str:
     """`Type: message` of what a Ray stage raised, through Ray's wrappers (`RayTaskError(UserCodeException)`, whose
     own message only says that "the UDF failed"): the innermost cause object, else the last error line of the remote
@@ -172,9 +176,9 @@ def root_cause(error: BaseException) -> str:
             break
         cause = inner
     name, text = type(cause).__name__, str(cause)
-    if name in _WRAPPERS or name.startswith("RayTaskError"):
+    if _is_wrapper(name):
         lines = [m for line in str(error).splitlines() if (m := _TRACEBACK_ERROR.match(line.strip()))]
-        found = [m for m in lines if m.group(1) not in _WRAPPERS and not m.group(1).startswith("RayTaskError")]
+        found = [m for m in lines if not _is_wrapper(m.group(1))]
         if found:
             name, text = found[-1].group(1), found[-1].group(2)
     return f"{name}: {redact_text(' '.join(text.split())[:500])}".rstrip(": ")

@@ -68,11 +68,12 @@ def binary_cell(column: pa.ChunkedArray | pa.Array, i: int) -> pa.Buffer | None:
         if i >= len(chunk):
             i -= len(chunk)
             continue
-        if chunk.null_count and not chunk.is_valid()[i].as_py():
+        validity, offsets, data = chunk.buffers()
+        j = chunk.offset + i
+        if validity is not None and not validity[j // 8] >> (j % 8) & 1:  # its bit, not the whole column's
             return None
-        _, offsets, data = chunk.buffers()
         at = memoryview(offsets).cast("q" if pa.types.is_large_binary(chunk.type) else "i")
-        start, end = at[chunk.offset + i], at[chunk.offset + i + 1]
+        start, end = at[j], at[j + 1]
         return data.slice(start, end - start) if data is not None else pa.py_buffer(b"")
     raise IndexError(f"row {i} is past the end of the column")
 
@@ -212,7 +213,7 @@ class CommitStage:
         self.run_id = run_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.commit(row) for row in batch.to_pylist()])
+        return pa.Table.from_pylist([self.commit(row) for row in unit_rows(batch)])
 
     def commit(self, row: dict) -> dict:
         from recaption.job.lease import check_holder
