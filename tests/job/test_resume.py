@@ -80,6 +80,17 @@ def output_keys(out: Path) -> list[str]:
 AFTER_DATA = pytest.param("commit:after-data", marks=pytest.mark.slow)
 
 
+def rerun_to_the_end(config: Path, log: Path, out: Path, keys: list[str]) -> None:
+    """Reruns the killed run to completion: every input key is in the output exactly once."""
+    rerun = start(config, None, log)
+    try:
+        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_session(rerun)
+    final = output_keys(out)
+    assert sorted(final) == sorted(keys) and len(final) == len(set(final))
+
+
 @pytest.mark.parametrize("fault", [None, "caption:start", "commit:before-rename", AFTER_DATA])
 def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
     keys = write_webdataset_dir(tmp_path / "in", N_IMAGES, SHARD_SIZE)
@@ -106,13 +117,7 @@ def test_kill_anywhere_then_rerun_gives_every_row_exactly_once(tmp_path, fault):
         markers = {p.name.removesuffix(".recaption.json") for p in (out / "_done").glob("*.json")}
         assert parts - markers, "the kill should have left a part file without its marker"
 
-    rerun = start(config, None, log)
-    try:
-        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        kill_session(rerun)
-    final = output_keys(out)
-    assert sorted(final) == sorted(keys) and len(final) == len(set(final))
+    rerun_to_the_end(config, log, out, keys)
     statuses = pads.dataset(str(out), format="parquet").to_table(columns=["status"]).column("status").to_pylist()
     assert set(statuses) == {"ok"}, log.read_text()[-3000:]  # no kill was counted as an engine crash
     assert not [p for p in out.rglob("*") if p.name.startswith(".recaption-tmp-")]

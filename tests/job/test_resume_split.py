@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from tests.data import write_webdataset_dir
-from tests.job.test_resume import kill_session, output_keys, start, wait_for
+from tests.job.test_resume import kill_session, rerun_to_the_end, start, wait_for
 
 N_IMAGES, UNIT_SIZE = 24, 3
 
@@ -39,13 +39,7 @@ def test_kill_then_rerun_resumes_a_split_tar_at_unit_grain(tmp_path):
     first = {p.name: json.loads(p.read_text())["committed_at"] for p in (out / "_done").iterdir()}
     assert 2 <= len(first) < N_IMAGES // UNIT_SIZE
 
-    rerun = start(config, None, log)
-    try:
-        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        kill_session(rerun)
-    final = output_keys(out)
-    assert sorted(final) == sorted(keys) and len(final) == len(set(final))
+    rerun_to_the_end(config, log, out, keys)
     units = [f"00000-s{i:04d}" for i in range(N_IMAGES // UNIT_SIZE)]
     assert sorted(p.name.removesuffix(".recaption.json") for p in (out / "_done").iterdir()) == units
     again = {p.name: json.loads(p.read_text())["committed_at"] for p in (out / "_done").iterdir()}
