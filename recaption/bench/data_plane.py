@@ -121,8 +121,7 @@ def bench_data_plane(result: BenchResult, work: Path, sizes: BenchSizes, cpus: i
             [t.actor_own_mib for t in timings[big]], [t.actor_own_mib for t in timings[small]], "<= 1.1",
             f"the largest own memory (anonymous pages: heap, objects, decoded images) a caption actor (fake engine) reported "
             f"with any unit of a run, units {big // small}x as large; decoded images in flight are bounded by the "
-            "engine's batch, not the unit, and a unit's bytes are read in place; what still follows the unit size is "
-            "Ray's own copy of each unit in flight (it deserializes a block into the actor's memory)",
+            "engine's batch, not the unit, and a unit's bytes are read in place from Ray's shared memory",
         )
     )  # fmt: skip
     result.add(

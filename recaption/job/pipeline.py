@@ -202,7 +202,7 @@ def build_dataset(
     import ray.data
 
     from recaption.job.captioning import CaptionStage
-    from recaption.job.stages import CommitStage, ReadStage, run_as_task
+    from recaption.job.stages import CommitStage, ReadStage, run_as_task, unfused
 
     ds = ray.data.from_items([u.to_dict() for u in units], override_num_blocks=len(units))
     common = {"batch_size": 1, "batch_format": "pyarrow", "zero_copy_batch": True}
@@ -217,6 +217,7 @@ def build_dataset(
             },
         },
         num_cpus=cfg.ray.read_num_cpus,
+        ray_remote_args_fn=unfused,  # reads stay tasks of their own, never inside a caption actor
         **common,
     )
     for i, (model, placement) in enumerate(zip(cfg.models, placements, strict=True)):

@@ -79,8 +79,8 @@ def binary_cell(column: pa.ChunkedArray | pa.Array, i: int) -> pa.Buffer | None:
 
 
 def unit_rows(batch: pa.Table) -> list[dict[str, Any]]:
-    """The unit rows of a batch, each payload a Buffer over the batch's memory, not a copy of the unit's image
-    bytes (Ray has already made one: it hands an actor the block deserialized into the actor's own memory)."""
+    """The unit rows of a batch, each payload a Buffer over the batch's memory (in a caption actor: the block in
+    Ray's shared memory), not a copy of the unit's image bytes."""
     payloads = batch.column("payload")
     rows = batch.drop_columns(["payload"]).to_pylist()
     for i, row in enumerate(rows):
@@ -133,6 +133,14 @@ def describe(exc: BaseException) -> str:
     """A readable one-line error for an output row."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def unfused() -> dict:
+    """No remote arguments to add: given as a stage's `ray_remote_args_fn`, it keeps Ray Data from fusing the stage
+    into the next one. Ray Data fuses a task stage into the actor stage after it whenever their resources are equal
+    (a read at `read_num_cpus` and a caption actor of the same `num_cpus`), and the read then runs inside the caption
+    actor: its reads hold the actor (its engine waits) and each unit's bytes are built in the actor's own memory."""
+    return {}
 
 
 def run_as_task(batch: pa.Table, stage: type, kwargs: dict) -> pa.Table:

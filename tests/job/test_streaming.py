@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 
 import pyarrow.dataset as pads
 import pytest
@@ -70,30 +71,46 @@ def test_every_unit_file_holds_its_own_rows_in_source_order(tmp_path, ray_sessio
 
 
 def test_decoded_images_in_flight_are_bounded_whatever_the_unit_size(tmp_path, ray_session):
-    """20 units from 4 to 240 large images: the caption actor's own memory stays flat (the whole unit
-    decoded at once, as before, would hold up to 240 × 3 MB)."""
+    """20 units from 4 to 232 large images: the caption actor's own memory stays flat (the whole unit
+    decoded at once, as before, would hold up to 232 × 3 MB)."""
     buf = io.BytesIO()
     Image.new("RGB", (1024, 1024), (90, 120, 30)).save(buf, format="JPEG", quality=50)
-    big = buf.getvalue()
-    for unit in range(20):
-        n = 4 + unit * 12
-        group = [{"key": f"{unit:02d}-{i:03d}", "jpg": big} for i in range(n)]
+    seen = run_units_of_growing_size(tmp_path, buf.getvalue(), [4 + unit * 12 for unit in range(20)])
+    early, late = max(seen[2:6]), max(seen[-5:])  # after the first units (imports, warm-up); the largest units
+    # 232 decoded images at once would be 700 MB more; what is left is the allocator keeping freed decode buffers
+    assert late <= 1.1 * early + 48, seen
+
+
+def test_a_units_bytes_never_pass_through_the_caption_actors_own_memory(tmp_path, ray_session):
+    """Units from 4 to 92 incompressible images (0.3 MB each, up to 28 MB a unit), the caption actor reserving what a
+    read task reserves: Ray Data would fuse the read into the actor, and each unit's bytes would be built there (its
+    own memory grew 120 → 260 MiB); kept apart, a unit reaches the actor in Ray's shared memory and is read in place."""
+    noise = Image.frombytes("RGB", (512, 512), random.Random(0).randbytes(512 * 512 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG", quality=95)
+    assert len(buf.getvalue()) > 250_000, len(buf.getvalue())
+    seen = run_units_of_growing_size(tmp_path, buf.getvalue(), [4 + unit * 11 for unit in range(9)])
+    early, late = max(seen[1:3]), max(seen[-3:])
+    assert late <= 1.1 * early, seen  # fused: 120 MiB at the first units, 260 at the last
+
+
+def run_units_of_growing_size(tmp_path, image: bytes, sizes: list[int]) -> list[float]:
+    """Runs one fake-engine actor over units of `sizes` copies of `image` (read tasks and the actor reserving the same
+    CPUs); the actor's own memory (MiB, shared pages aside) reported with each unit, in commit order."""
+    import json
+
+    for unit, n in enumerate(sizes):
+        group = [{"key": f"{unit:02d}-{i:03d}", "jpg": image} for i in range(n)]
         write_webdataset(str(tmp_path / "in"), group, shard_size=n, prefix=f"u{unit:02d}-", sidecars=False)
     data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}}
     model = {**FAKE, "prompts": ["short"], "batch_size": 4, "units_in_flight": 1}
-    cfg = load_config(None, ["images.max_side=1024"], data={**data, "models": [model]})
+    cfg = load_config(
+        None, ["images.max_side=1024", f"ray.read_num_cpus={FAKE['num_cpus']}"], data={**data, "models": [model]}
+    )
     seen: list[float] = []
-
-    def on_unit(row):
-        import json
-
-        seen.append(json.loads(row["metrics"])["fake"]["own_mib"])  # its own memory (shared pages aside)
-
-    run_pipeline(cfg, progress=False, on_unit=on_unit)
-    assert len(seen) == 20
-    early, late = max(seen[2:6]), max(seen[-5:])  # after the first units (imports, warm-up); the largest units
-    # 240 decoded images at once would be 720 MB more; what is left is the allocator keeping freed decode buffers
-    assert late <= 1.1 * early + 48, seen
+    run_pipeline(cfg, progress=False, on_unit=lambda row: seen.append(json.loads(row["metrics"])["fake"]["own_mib"]))
+    assert len(seen) == len(sizes)
+    return seen
 
 
 @pytest.mark.parametrize("bounds", [[1, 3]])
