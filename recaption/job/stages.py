@@ -47,11 +47,12 @@ SUMMARY_FIELDS = (
 )
 
 
-def to_ipc(table: pa.Table) -> bytes:
+def to_ipc(table: pa.Table) -> pa.Buffer:
+    """The table as one Arrow IPC stream, in a Buffer (`to_pybytes` would copy a whole unit's bytes once more)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
@@ -126,7 +127,22 @@ UNIT_ROW_SCHEMA = pa.schema(
 
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=UNIT_ROW_SCHEMA)
+    """Unit rows as a block. Each payload becomes a column chunk over its own Buffer: `from_pylist` would copy every
+    unit's bytes into a new column."""
+    at = UNIT_ROW_SCHEMA.get_field_index("payload")
+    field = UNIT_ROW_SCHEMA.field(at)
+    others = pa.Table.from_pylist(
+        [{k: v for k, v in row.items() if k != "payload"} for row in rows], schema=UNIT_ROW_SCHEMA.remove(at)
+    )
+    chunks = [_one_value(row["payload"], field.type) for row in rows]
+    return others.add_column(at, field, pa.chunked_array(chunks, field.type))
+
+
+def _one_value(data: bytes | pa.Buffer, kind: pa.DataType) -> pa.Array:
+    """A one-value large_binary array over `data`'s memory."""
+    buffer = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
+    offsets = pa.array([0, buffer.size], pa.int64()).buffers()[1]
+    return pa.Array.from_buffers(kind, 1, [None, offsets, buffer])
 
 
 def describe(exc: BaseException) -> str:

@@ -33,3 +33,19 @@ def test_a_units_payload_is_read_in_place_not_copied():
     data = batch.column("payload").chunk(0).buffers()[2]
     assert data.address <= row["payload"].address < data.address + data.size
     assert row["unit"] == "u" and row["payload"].size > 64 << 20
+
+
+def test_a_unit_row_holds_its_payload_without_a_copy():
+    """The read stage's block is built over the IPC stream's own Buffer: a 64 MB unit is not copied again."""
+    from recaption.job.stages import from_ipc
+
+    table = pa.table({"image": pa.array([b"\x02" * (64 << 20)], pa.large_binary())})
+    row = unit_row("u", 0.0, table)
+    proc = psutil.Process()
+    before = proc.memory_full_info().uss
+    batch = rows_table([row, unit_row("empty", 1.0, None, error="unreadable")])
+    assert proc.memory_full_info().uss - before < 16 << 20
+    assert batch.column("payload").chunk(0).buffers()[2].address == row["payload"].address
+    first, second = unit_rows(batch)
+    assert from_ipc(first["payload"]).equals(table)
+    assert (second["unit"], second["error"], bytes(second["payload"])) == ("empty", "unreadable", b"")
