@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,13 @@ class BareEngine:
 
     def _close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+            try:
+                self.pool.submit(_bare_close).result()
+            except BrokenProcessPool:  # the process is gone already, and its engine with it
+                pass
+            finally:
+                self.pool.shutdown()
+                self.pool = None
 
     def call(self, fn, *args: Any) -> Any:
         if self.pool is None:
@@ -202,6 +208,14 @@ def _bare_load(cfg_dict: dict) -> None:
     _BARE.update(cfg=cfg, model=model, captioner=captioner, images=images, prompts=cfg.prompts)
     _BARE["prompt"] = get_prompt(model.prompts[0], cfg.prompts)
     _bare_generate(images[:8])
+
+
+def _bare_close() -> None:
+    """In the bare process: its engine ended (with vLLM's engine core in a process of its own, the pool's worker
+    would otherwise wait for that child forever as it exits)."""
+    captioner = _BARE.pop("captioner", None)
+    if captioner is not None:
+        captioner.close()
 
 
 def _bare_generate(images: list | None = None) -> tuple[float, int, int, float]:

@@ -130,6 +130,15 @@ class VLLMCaptioner:
             results.extend(_generations(out, gen.n))
         return results
 
+    def close(self) -> None:
+        """Ends the engine, and the processes vLLM started for it (its engine core, its workers): the watchdog stops
+        first, so their exit is no engine death. A process holding an engine core as its child waits for that child
+        when it exits (a multiprocessing worker does), so one that is done with the engine closes it."""
+        self.watchdog.stop()
+        shutdown = getattr(getattr(self.llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def versions(self) -> dict[str, str]:
         import torch
         import transformers

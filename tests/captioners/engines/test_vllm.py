@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,63 @@ def test_a_request_vllm_refuses_fails_alone(engines):
     assert [(g.text, g.n_tokens) for i, g in enumerate(mixed) if i != 1] == [
         (g.text, g.n_tokens) for i, g in enumerate(clean) if i != 1
     ]
+
+
+@vllm_test
+def test_an_images_first_prompt_refused_leaves_its_other_prompts_and_the_engine_whole(engines):
+    """Through the runner the caption stage uses: image 1's first prompt (its leader, rendered first, so its image
+    goes through the processor and vLLM's multimodal cache first) is too long and refused; its other prompt, rendered
+    after, and the images after it still get the captions they get alone: no request finds the image missing from
+    the engine's side of the cache, and the engine stays up. (Again with the engine core in a process of its own:
+    the close test below.)"""
+    check_a_refused_leader(engines["llava"], model_config("llava"), seed=200)
+
+
+def check_a_refused_leader(engine, model: ModelConfig, seed: int) -> None:
+    from recaption.captioners import Request, make_runner
+
+    images = [Image.open(io.BytesIO(make_image(seed + i, size=(60, 52)))) for i in range(3)]  # new to the caches
+    runner = make_runner(engine, model)
+    try:
+        futures = []
+        for i, image in enumerate(images):
+            prompts = ["word " * 400 if i == 1 else PROMPTS[0], PROMPTS[1]]
+            futures += [
+                runner.submit(Request(image, p, model.generation, 2 * i + k, "u", ("u", i)))
+                for k, p in enumerate(prompts)
+            ]
+        outcomes = [f.exception(timeout=120) or f.result()[0] for f in futures]
+    finally:
+        runner.close()
+        runner.thread.join(timeout=30)
+    refused = outcomes[2]
+    assert isinstance(refused, Exception) and "maximum context length" in str(refused), refused
+    alone = engine.caption([im for im in images for _ in PROMPTS], [p for _ in images for p in PROMPTS])
+    for k, (got, want) in enumerate(zip(outcomes, alone, strict=True)):
+        if k != 2:
+            assert not isinstance(got, Exception) and got.error is None, (k, got)
+            assert got.text == want.text, k
+
+
+@vllm_test
+def test_close_ends_the_engines_own_processes_and_is_no_engine_death(monkeypatch):
+    """With vLLM's engine core in processes of its own (vLLM's default, and the bench's bare engine), `close` ends
+    them, and the watchdog that follows them does not take their exit for a death (it would end this process). A
+    process holding them could not otherwise exit: multiprocessing waits for its children."""
+    import psutil
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    deaths: list[str] = []
+    captioner = vllm_engine.VLLMCaptioner(model_config("llava"), on_engine_dead=deaths.append)
+    processes = captioner.watchdog.processes
+    assert processes, "the engine core should run in a process of its own"
+    check_a_refused_leader(captioner, model_config("llava"), seed=300)
+    captioner.close()
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not alive
+    time.sleep(2 * captioner.watchdog.interval_s)
+    assert deaths == []
 
 
 @vllm_test
