@@ -141,6 +141,13 @@ def test_entrypoint_is_reset_and_the_cache_is_a_volume(dockerfile):
     assert users and not users[-1].startswith(("0", "root")), "the image runs as a non-root user"
 
 
+def test_the_images_ray_keeps_idle_workers_as_a_local_ray_does(dockerfile):
+    from recaption.job.pipeline import KEEP_IDLE_WORKERS
+
+    env = env_values(dockerfile)
+    assert {name: env.get(name) for name in KEEP_IDLE_WORKERS} == KEEP_IDLE_WORKERS
+
+
 # --- the RayJob and the compose file -------------------------------------------------------------------------------
 
 

@@ -86,6 +86,9 @@ def local_ray(cpus: int) -> Iterator[None]:
         return
     if ray.is_initialized():
         ray.shutdown()
+    from recaption.job.pipeline import keep_idle_workers
+
+    keep_idle_workers()  # as `recaption run` starts its local Ray
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     yield
 

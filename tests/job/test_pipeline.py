@@ -346,3 +346,40 @@ def test_a_stage_that_raises_ends_the_run_naming_the_error_it_raised(ray_session
     assert message.startswith("the run stopped: KeyError: "), message
     assert "has no field 'jpg'" in message and "abcdef0123456789" not in message  # a signed URL stays secret
     assert "UDF failed" not in message and "\n" not in message
+
+
+IDLE_WORKERS_SCRIPT = """
+import os, sys, time
+import ray
+from recaption.config import load_config
+from recaption.job.pipeline import init_ray
+data = {"input": {"path": "in"}, "output": {"path": "out"}, "models": [{"path": "fake", "engine": "fake"}]}
+init_ray(load_config(None, ["ray.num_cpus=2"], data=data))
+@ray.remote(num_cpus=0.25)
+def pid(_):
+    time.sleep(0.5)
+    return os.getpid()
+first = set(ray.get([pid.remote(i) for i in range(8)]))
+time.sleep(4)
+second = set(ray.get([pid.remote(i) for i in range(8)]))
+print("NEW", len(second - first), "OF", len(first))
+"""
+
+
+def test_a_local_ray_keeps_its_idle_workers_so_reads_do_not_import_everything_again():
+    """Reads reserve a quarter of a CPU, so 8 run at once on 2 CPUs; after 4 s of nothing, Ray left alone replaces
+    half of those workers (each new one imports Ray Data and pyarrow again, ~1 s of CPU); the local Ray `recaption
+    run` starts reuses all of them."""
+    import os
+    import subprocess
+    import sys
+
+    from recaption.job.pipeline import KEEP_IDLE_WORKERS
+
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_IDLE_WORKERS and k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_WORKERS_SCRIPT], env=env, capture_output=True, text=True, timeout=180
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("NEW")), None)
+    assert line is not None, done.stderr[-2000:]
+    assert line == "NEW 0 OF 8", line
