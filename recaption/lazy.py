@@ -8,20 +8,18 @@ that needs them is used), and a module that moves inside the room changes the ta
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 
 def lazy_exports(room: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """The module `__getattr__` of `room`: a name in `exports` is imported from its module when first asked for, and
-    kept in the room (a name asked for in a hot loop, such as `decode_image` per image, is imported once)."""
+    """The module `__getattr__` of `room`: a name in `exports` is imported from its module when asked for. It is
+    looked up there every time, never kept in the room, so patching the module (tests do) reaches every importer; a
+    hot loop takes the name once, outside the loop."""
 
     def __getattr__(name: str) -> Any:
         if name in exports:
-            value = getattr(importlib.import_module(exports[name]), name)
-            setattr(sys.modules[room], name, value)
-            return value
+            return getattr(importlib.import_module(exports[name]), name)
         raise AttributeError(f"module {room!r} has no attribute {name!r}")
 
     return __getattr__
