@@ -4,7 +4,8 @@ Hidden unless `--verbose`: Ray's "Token authentication is enabled" warning (a lo
 Train's per-worker "Reporting training result" and "Failed to query Ray Train Controller" lines, and its
 core worker's "E" line saying an actor has "constructor arguments in the object store and max_restarts > 0" (Ray Data's
 actor pools always do; the line is written by Ray's C++ core straight to file descriptor 2, so it is filtered there,
-in the driver process, line by line; everything else passes through untouched and at once).
+in the driver process, line by line; everything else passes through untouched and at once). vLLM's INFO lines in the
+caption actors of a local Ray are left out at their source (`VLLM_LOGGING_LEVEL=WARNING`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ NOISE = (
     re.compile(r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"),
 )
 QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+# For the processes a local Ray starts from this one (they inherit its environment): vLLM's INFO lines, dozens per
+# engine start from every caption actor (engine arguments, weights loaded, KV cache size …); its warnings still show.
+# A value the user set stays, and so does a model's own `env`.
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
 
 _filter: _Fd2Filter | None = None
 
@@ -38,6 +43,8 @@ def quiet(verbose: bool) -> None:
     global _filter
     if verbose:
         return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if _filter is None:

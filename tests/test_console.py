@@ -33,6 +33,7 @@ logging.basicConfig()
 logging.getLogger("ray._private.authentication.authentication_token_setup").warning("Token authentication is enabled")
 print("to stderr from python", file=sys.stderr)
 os.write(2, b"last line without newline")
+print("VLLM_LOGGING_LEVEL=" + os.environ.get("VLLM_LOGGING_LEVEL", "unset"))
 """
 
 
@@ -60,6 +61,21 @@ def test_fd2_filter_in_a_process(verbose):
     assert err.endswith("last line without newline")  # what is left at exit is passed on
     assert ("has constructor arguments" in err) == verbose
     assert ("Token authentication" in err) == verbose
+    # a local Ray's actors inherit it: vLLM's INFO lines only with --verbose
+    expected = "unset" if verbose else "WARNING"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert f"VLLM_LOGGING_LEVEL={expected}" in out.stdout
+    mine = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**clean_env(), "VLLM_LOGGING_LEVEL": "DEBUG"},
+    )  # fmt: skip
+    assert "VLLM_LOGGING_LEVEL=DEBUG" in mine.stdout  # the user's own setting stays
+
+
+def clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
 
 
 def test_version():
