@@ -33,10 +33,7 @@ def ray_session(_tiny_cache):
     """One local Ray for the whole test session, with 2 CPUs as on the CI machine."""
     import ray
 
-    from recaption.job.pipeline import keep_idle_workers
-
     if not ray.is_initialized():
-        keep_idle_workers()  # as `recaption run` starts its local Ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
