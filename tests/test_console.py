@@ -55,24 +55,22 @@ def test_noise_lines():
 @pytest.mark.parametrize("verbose", [False, True])
 def test_fd2_filter_in_a_process(verbose):
     code = SCRIPT.format(verbose=verbose, ray=RAY_E_LINE)
-    raw = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).stderr
-    err = raw.decode()  # bytes as written: a bar's \r stays a \r
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env_without_vllm_level())
+    err = done.stderr.decode()  # bytes as written: a bar's \r stays a \r
     assert "first line\n" in err and "\rpartial bar 50%\n" in err and "to stderr from python" in err
     assert err.endswith("last line without newline")  # what is left at exit is passed on
     assert ("has constructor arguments" in err) == verbose
     assert ("Token authentication" in err) == verbose
     # a local Ray's actors inherit it: vLLM's INFO lines only with --verbose
-    expected = "unset" if verbose else "WARNING"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
-    assert f"VLLM_LOGGING_LEVEL={expected}" in out.stdout
+    assert f"VLLM_LOGGING_LEVEL={'unset' if verbose else 'WARNING'}" in done.stdout.decode()
     mine = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-        env={**clean_env(), "VLLM_LOGGING_LEVEL": "DEBUG"},
+        env={**env_without_vllm_level(), "VLLM_LOGGING_LEVEL": "DEBUG"},
     )  # fmt: skip
     assert "VLLM_LOGGING_LEVEL=DEBUG" in mine.stdout  # the user's own setting stays
 
 
-def clean_env() -> dict[str, str]:
+def env_without_vllm_level() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}

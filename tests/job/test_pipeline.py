@@ -349,7 +349,7 @@ def test_a_stage_that_raises_ends_the_run_naming_the_error_it_raised(ray_session
 
 
 IDLE_WORKERS_SCRIPT = """
-import os, sys, time
+import os, time
 import ray
 from recaption.config import load_config
 from recaption.job.pipeline import init_ray
