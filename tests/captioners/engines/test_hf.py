@@ -189,3 +189,40 @@ def test_out_of_memory_halves_the_batch_keeps_order_and_n_per_request(tiny, monk
     # Each request got the draws it gets alone at batch size 1: the halves kept their order and seeds.
     alone = captioner(tiny["llava"], batch_size=1, temperature=1.0, n=3, seed=3).caption(imgs, ["a", "b", "x", "c"])
     assert [g.text for g in out[:6] + out[9:]] == [g.text for g in alone[:6] + alone[9:]]
+
+
+@pytest.mark.parametrize(("threads", "beside"), [(4, False), (3, True)])
+def test_the_next_batch_is_prepared_beside_generate_only_where_torch_leaves_a_core(tiny, monkeypatch, threads, beside):
+    """On 4 CPUs with torch's team on all 4, the engine thread prepares each batch itself (a processor thread beside
+    generate would take a core from the team); with a core to spare, the prepare thread does it while one generates.
+    The captions are the same either way."""
+    import threading
+
+    import torch
+
+    from recaption.captioners import Request, make_runner
+
+    engine = captioner(tiny["llava"], batch_size=2)
+    model = ModelConfig(path=str(tiny["llava"]), batch_size=2, generation=engine.gen)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    prepared_on, real_prepare = [], engine.prepare
+
+    def prepare(*args):
+        prepared_on.append(threading.current_thread().name)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    imgs, prompts = requests()
+    runner = make_runner(engine, model)
+    try:
+        futures = [
+            runner.submit(Request(im, p, engine.gen, i, "u"))
+            for i, (im, p) in enumerate(zip(imgs, prompts, strict=True))
+        ]
+        texts = [g.text for f in futures for g in f.result(timeout=120)]
+    finally:
+        runner.close()
+    assert texts == [g.text for g in engine.caption(imgs, prompts)]
+    assert bool(prepared_on) is beside
+    assert set(prepared_on) <= {"recaption-prepare"}
