@@ -75,7 +75,7 @@ class CaptionStage:
 
         self.decode_image = decode_image  # once: per image, the room's lazy lookup was 3% of the actor's time
         self.decode_pool = ThreadPoolExecutor(max(1, math.floor(self.model.num_cpus)), thread_name_prefix="decode")
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._slots: dict[asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, asyncio.Lock]] = {}
         self._turns: dict[asyncio.AbstractEventLoop, Turns] = {}
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
@@ -135,7 +135,7 @@ class CaptionStage:
             if todo:
                 await asyncio.to_thread(self.count_attempt, unit, crashed + 1)
             fault_point("caption:start")
-            results = await asyncio.gather(*(self.caption_row(unit, i, rows[i], image_column) for i in todo))
+            results = await self.caption_rows(unit, rows, todo, image_column)
             if todo:  # this attempt did not crash the engine: if the actor dies before the unit is passed on, the
                 await asyncio.to_thread(self.uncount_attempt, unit, crashed)  # retry is no crash of this unit
         done = []
@@ -157,10 +157,26 @@ class CaptionStage:
             await self.handle_degenerate(unit, done, image_column)
         return self.unit_table(rows, image_column, table.schema)
 
-    def slots(self) -> asyncio.Semaphore:
+    async def caption_rows(self, unit: str, rows: list[dict], todo: list[int], images: pa.ChunkedArray) -> list[Any]:
+        """`caption_row`'s outcome for each row of `todo`. A row's coroutine starts only once a decode slot is free,
+        so a unit waiting for slots holds its rows and nothing per row besides (a task per row of a 10 000-image
+        unit made its memory follow the unit size); the actor's units admit their rows one unit after another, so the
+        first to arrive is the first done, and the next one's rows enter as its last ones drain."""
+        slots, admission = self.slots()
+        tasks = []
+        async with admission:
+            for i in todo:
+                await slots.acquire()
+                task = asyncio.ensure_future(self.caption_row(unit, i, rows[i], images))
+                task.add_done_callback(lambda _: slots.release())
+                tasks.append(task)
+        return await asyncio.gather(*tasks)
+
+    def slots(self) -> tuple[asyncio.Semaphore, asyncio.Lock]:
+        """This event loop's decode slots (images in flight) and the lock units take in turn to admit their rows."""
         loop = asyncio.get_running_loop()
         if loop not in self._slots:
-            self._slots[loop] = asyncio.Semaphore(self.in_flight_images)
+            self._slots[loop] = (asyncio.Semaphore(self.in_flight_images), asyncio.Lock())
         return self._slots[loop]
 
     def turns(self) -> Turns:
@@ -170,29 +186,28 @@ class CaptionStage:
         return self._turns[loop]
 
     async def caption_row(self, unit: str, i: int, row: dict, images: pa.ChunkedArray) -> list[Any] | None:
-        """Decodes one row's image (when a slot is free) and captions it with every prompt: per prompt its n
-        Generations or the exception of its request; None when the image itself failed (the row says why)."""
-        async with self.slots():
-            decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.decode, images, i)
-            if isinstance(decoded, ImageError):  # the read stage did not look inside: every bad image shows up here
-                row.update(status="failed", error=str(decoded), width=None, height=None, image_sha256=None)
-                return None
-            if isinstance(decoded, Exception):  # a decoder bug, not a bad image: fail the row, not the unit
-                row.update(status="failed", error=f"decode before captioning: {describe(decoded)}", image_sha256=None)
-                return None
-            row.update(width=decoded.width, height=decoded.height, image_sha256=decoded.sha256)
-            names = self.model.prompts
-            shared = (unit, i) if len(names) > 1 else None  # prompts of one image: the first one's prefill is reused
-            futures = []  # submitted together: one image's requests adjacent
-            for k, name in enumerate(names):
-                try:
-                    text = self.prompts[name].fill(row)
-                except MissingField as e:  # this prompt cannot be asked of this row: its caption fails, not the unit
-                    futures.append(failed_future(e))
-                    continue
-                request = Request(decoded.image, text, self.model.generation, i * len(names) + k, unit, shared)
-                futures.append(self.submit(request))
-            return [await self.outcome(future) for future in futures]
+        """Decodes one row's image (`caption_rows` holds a slot for it) and captions it with every prompt: per prompt
+        its n Generations or the exception of its request; None when the image itself failed (the row says why)."""
+        decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.decode, images, i)
+        if isinstance(decoded, ImageError):  # the read stage did not look inside: every bad image shows up here
+            row.update(status="failed", error=str(decoded), width=None, height=None, image_sha256=None)
+            return None
+        if isinstance(decoded, Exception):  # a decoder bug, not a bad image: fail the row, not the unit
+            row.update(status="failed", error=f"decode before captioning: {describe(decoded)}", image_sha256=None)
+            return None
+        row.update(width=decoded.width, height=decoded.height, image_sha256=decoded.sha256)
+        names = self.model.prompts
+        shared = (unit, i) if len(names) > 1 else None  # prompts of one image: the first one's prefill is reused
+        futures = []  # submitted together: one image's requests adjacent
+        for k, name in enumerate(names):
+            try:
+                text = self.prompts[name].fill(row)
+            except MissingField as e:  # this prompt cannot be asked of this row: its caption fails, not the unit
+                futures.append(failed_future(e))
+                continue
+            request = Request(decoded.image, text, self.model.generation, i * len(names) + k, unit, shared)
+            futures.append(self.submit(request))
+        return [await self.outcome(future) for future in futures]
 
     async def result(self, request: Request) -> list[Generation] | BaseException:
         return await self.outcome(self.submit(request))

@@ -49,6 +49,40 @@ def test_units_in_flight_share_batches_and_each_gets_its_own_captions(tmp_path, 
                 assert cap["text"].startswith(fake_caption(image, s.prompt_texts[prompt]).split(".")[0])
 
 
+def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival_order(tmp_path):
+    """Two units of 40 rows on an actor with 4 decode slots: never more tasks than slots (plus the units' own and
+    the watcher), where a task per row made the actor's memory follow the unit size; the first unit to arrive is
+    done before the second, whose rows enter as its last ones drain."""
+    s = stage(tmp_path, batch_size=2, fake={"delay_s": 0.002})
+    s.in_flight_images = 4
+    widths = {"a": [50 + i for i in range(40)], "b": [100 + i for i in range(40)]}
+    done, most = [], [0]
+
+    async def unit(name: str):
+        table = await s.caption_unit_async(name, unit_table(widths[name]))
+        done.append(name)
+        return table
+
+    async def watch(stop: asyncio.Event):
+        while not stop.is_set():
+            most[0] = max(most[0], len(asyncio.all_tasks()))
+            await asyncio.sleep(0)
+
+    async def run():
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        tables = await asyncio.gather(unit("a"), unit("b"))
+        stop.set()
+        await watcher
+        return tables
+
+    a, b = asyncio.run(run())
+    assert most[0] <= s.in_flight_images + 4, most[0]  # slots, the two units, the watcher, the main task
+    assert done == ["a", "b"]
+    assert [r["width"] for r in a.to_pylist()] == widths["a"] and [r["width"] for r in b.to_pylist()] == widths["b"]
+    assert all(r["status"] == "ok" and len(r["captions"]) == 2 for t in (a, b) for r in t.to_pylist())
+
+
 def test_every_unit_file_holds_its_own_rows_in_source_order(tmp_path, ray_session):
     sizes = [1, 7, 2, 9, 3, 5, 4, 8]  # units of different sizes: they finish out of order
     for shard, n in enumerate(sizes):
