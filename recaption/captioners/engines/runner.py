@@ -4,8 +4,8 @@ The caption stage submits one request per (image, prompt) as soon as the image i
 holds; a runner thread owns the engine and resolves each request's future. `VLLMRunner` adds requests to vLLM's
 engine as they come and steps it continuously (continuous batching across units); `BatchRunner` (hf, fake) cuts the
 stream into batches of `batch_size`, preparing the next batch (processor, tensors) on a second thread while the
-current one generates (where a core is free for it: on the CPU, torch's threads may hold them all). A dead engine fails every pending and later request with EngineDeadError; the error of one
-request fails that request only.
+current one generates, where a core is free for it (on the CPU torch's threads may hold them all). A dead engine
+fails every pending and later request with EngineDeadError; the error of one request fails that request only.
 """
 
 from __future__ import annotations
