@@ -278,7 +278,8 @@ def _core_to_spare(captioner: Any) -> bool:
         return True
     import torch
 
-    return torch.get_num_threads() < len(os.sched_getaffinity(0))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not Linux
+    return torch.get_num_threads() < usable
 
 
 def _batchable(first: Request, other: Request) -> bool:

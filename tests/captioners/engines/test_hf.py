@@ -226,3 +226,20 @@ def test_the_next_batch_is_prepared_beside_generate_only_where_torch_leaves_a_co
     assert texts == [g.text for g in engine.caption(imgs, prompts)]
     assert bool(prepared_on) is beside
     assert set(prepared_on) <= {"recaption-prepare"}
+
+
+def test_without_cpu_affinity_the_cpu_count_says_whether_a_core_is_free(monkeypatch):
+    """macOS has no os.sched_getaffinity: the runner reads os.cpu_count instead of failing to start."""
+    import types
+
+    import torch
+
+    from recaption.captioners.engines.runner import _core_to_spare
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert _core_to_spare(cpu) is False
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert _core_to_spare(cpu) is True
