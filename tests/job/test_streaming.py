@@ -14,6 +14,7 @@ from PIL import Image
 
 from recaption.captioners.engines.fake import fake_caption
 from recaption.config import ImageConfig, load_config
+from recaption.job import captioning
 from recaption.job.pipeline import run_pipeline
 from recaption.sources.images import decode_image
 from recaption.sources.tar import write_webdataset
@@ -49,14 +50,15 @@ def test_units_in_flight_share_batches_and_each_gets_its_own_captions(tmp_path, 
                 assert cap["text"].startswith(fake_caption(image, s.prompt_texts[prompt]).split(".")[0])
 
 
-def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival_order(tmp_path):
-    """Two units of 40 rows on an actor with 4 decode slots: never more tasks than slots (plus the units' own and
-    the watcher), where a task per row made the actor's memory follow the unit size; the first unit to arrive is
+def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival_order(tmp_path, monkeypatch):
+    """Two units of 40 rows on an actor with 4 decode slots, in chunks of 8: never more row tasks than slots, and a
+    few chunk tasks, where a task per row made the actor's memory follow the unit size; the first unit to arrive is
     done before the second, whose rows enter as its last ones drain."""
+    monkeypatch.setattr(captioning, "CHUNK_ROWS", 8)
     s = stage(tmp_path, batch_size=2, fake={"delay_s": 0.002})
     s.in_flight_images = 4
     widths = {"a": [50 + i for i in range(40)], "b": [100 + i for i in range(40)]}
-    done, most = [], [0]
+    done, most = [], {"caption_row": 0, "finish_chunk": 0, "all": 0}
 
     async def unit(name: str):
         table = await s.caption_unit_async(name, unit_table(widths[name]))
@@ -65,7 +67,9 @@ def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival
 
     async def watch(stop: asyncio.Event):
         while not stop.is_set():
-            most[0] = max(most[0], len(asyncio.all_tasks()))
+            tasks = [t.get_coro().__qualname__.rsplit(".", 1)[-1] for t in asyncio.all_tasks()]
+            for kind in most:
+                most[kind] = max(most[kind], len(tasks) if kind == "all" else tasks.count(kind))
             await asyncio.sleep(0)
 
     async def run():
@@ -77,10 +81,39 @@ def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival
         return tables
 
     a, b = asyncio.run(run())
-    assert most[0] <= s.in_flight_images + 4, most[0]  # slots, the two units, the watcher, the main task
+    assert most["caption_row"] <= s.in_flight_images, most
+    # A chunk ends once its rows are done; the next one's rows may be admitted by then (8 rows, 4 in flight at most).
+    assert most["finish_chunk"] <= 3, most
+    assert most["all"] <= s.in_flight_images + 3 + 4, most  # also the two units, the watcher, the main task
     assert done == ["a", "b"]
     assert [r["width"] for r in a.to_pylist()] == widths["a"] and [r["width"] for r in b.to_pylist()] == widths["b"]
     assert all(r["status"] == "ok" and len(r["captions"]) == 2 for t in (a, b) for r in t.to_pylist())
+
+
+def test_a_chunk_of_rows_goes_back_to_arrow_as_soon_as_it_is_done(tmp_path, monkeypatch):
+    """A unit's rows are Python objects only while their chunk is captioned: the first chunk is a record batch
+    before the unit's later rows are admitted (a unit held as dicts to its end made memory follow the unit size)."""
+    monkeypatch.setattr(captioning, "CHUNK_ROWS", 8)
+    s = stage(tmp_path, batch_size=2, fake={"delay_s": 0.002})
+    s.in_flight_images = 4
+    events = []
+    caption_row, finish_chunk = s.caption_row, s.finish_chunk
+
+    async def row(unit, i, *args):
+        events.append(("row", i))
+        return await caption_row(unit, i, *args)
+
+    async def chunk(unit, start, *args):
+        batch = await finish_chunk(unit, start, *args)
+        events.append(("chunk", start))
+        return batch
+
+    s.caption_row, s.finish_chunk = row, chunk
+    widths = [50 + i % 30 for i in range(40)]
+    table = s.caption_unit("u", unit_table(widths))
+    assert [r["width"] for r in table.to_pylist()] == widths
+    assert sorted(e for e in events if e[0] == "chunk") == [("chunk", k) for k in range(0, 40, 8)]
+    assert events.index(("chunk", 0)) < events.index(("row", 8 + s.in_flight_images + 1))
 
 
 def test_every_unit_file_holds_its_own_rows_in_source_order(tmp_path, ray_session):
@@ -126,6 +159,32 @@ def test_a_units_bytes_never_pass_through_the_caption_actors_own_memory(tmp_path
     seen = run_units_of_growing_size(tmp_path, buf.getvalue(), [4 + unit * 11 for unit in range(9)])
     early, late = max(seen[1:3]), max(seen[-3:])
     assert late <= 1.1 * early, seen  # fused: 120 MiB at the first units, 260 at the last
+
+
+def test_an_actors_memory_does_not_follow_the_rows_of_a_unit(tmp_path, ray_session):
+    """Units from 250 to 4000 small images, one at a time: the caption actor's own memory grows by little more than
+    the unit's output (its captions as Arrow and as the payload passed on, about 1 KiB a row here: 10 MiB more at 4000
+    rows). Each row held as Python objects to its unit's end, and the unit's tables in Arrow's mimalloc pool, made it
+    grow by 26 MiB."""
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (90, 120, 30)).save(buf, format="JPEG", quality=50)
+    seen = run_units_of_growing_size(tmp_path, buf.getvalue(), [250, 250, 500, 1000, 2000, 4000])
+    assert max(seen[-2:]) <= max(seen[:2]) + 16, seen
+
+
+def test_a_caption_actor_allocates_arrow_memory_from_malloc_unless_told_otherwise(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    default = pa.default_memory_pool()
+    try:
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", default.backend_name)
+        stage(tmp_path)
+        assert pa.default_memory_pool().backend_name == default.backend_name
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
+        stage(tmp_path)
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(default)
 
 
 def run_units_of_growing_size(tmp_path, image: bytes, sizes: list[int]) -> list[float]:
