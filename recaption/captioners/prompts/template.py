@@ -8,6 +8,7 @@ prompt, by name); a prompt without one fails that caption with an error that nam
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ class Prompt:
     text: str
     fallback: Prompt | None = None
 
-    @property
-    def fields(self) -> tuple[str, ...]:
+    @functools.cached_property
+    def fields(self) -> tuple[str, ...]:  # once: `fill` runs for every request and caption of a run
         return fields_of(self.text)
 
     def fill(self, row: Mapping[str, Any]) -> str:
