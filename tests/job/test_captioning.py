@@ -79,6 +79,37 @@ def test_degenerate_captions(tmp_path, policy):
     assert [c["prompt"] for c in looping] == ["short", "detailed"]
 
 
+def test_rows_across_chunks_keep_their_place_status_and_regenerated_captions(tmp_path, monkeypatch):
+    """Chunks of 3 rows: a row that failed before this stage passes through untouched, an image that fails to
+    decode fails its row only, and every looping caption is regenerated on its own row, whichever chunk it is in."""
+    from recaption.job import captioning
+
+    monkeypatch.setattr(captioning, "CHUNK_ROWS", 3)
+    widths = [50, 61, 52, 61, 53, 54, 61, 55]
+    table = unit_table(widths)
+    status = table.column("status").to_pylist()
+    status[4] = "failed"  # its read failed: this stage leaves it as it is
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    images = table.column("image").to_pylist()
+    images[5] = images[5][:60]  # truncated
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    s = stage(tmp_path, post={"degenerate": "regenerate"}, fake={"loop_on_width": 61})
+    rows = s.caption_unit("u", table).to_pylist()
+    assert [r["key"] for r in rows] == [f"k{i}" for i in range(len(widths))]
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["failed"] * 2 + ["ok"] * 2
+    assert rows[4]["captions"] == [] and rows[4]["error"] is None
+    assert rows[5]["error"].startswith("truncated image")
+    from recaption.captioners.engines.fake import fake_caption
+
+    looping = Image.new("RGB", (61, 40), (61, 80, 160))  # png(61): each regenerated caption is of its own image
+    for i in (1, 3, 6):
+        assert [c["flags"] for c in rows[i]["captions"]] == [["regenerated"]] * 2, i
+        for c in rows[i]["captions"]:
+            assert c["text"].startswith(fake_caption(looping, s.prompt_texts[c["prompt"]]).split(".")[0]), (i, c)
+    assert all(len(r["captions"]) == 2 and not r["captions"][0]["flags"] for r in (rows[0], rows[2], rows[7]))
+    assert [r["width"] for r in rows] == [*widths[:5], None, *widths[6:]]
+
+
 @pytest.mark.parametrize("num_cpus", [0.5, 3.0])
 def test_decoding_on_one_or_several_threads_gives_the_same_rows(tmp_path, num_cpus):
     table = unit_table([50, 51, 52, 53])
