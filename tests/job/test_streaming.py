@@ -52,8 +52,8 @@ def test_units_in_flight_share_batches_and_each_gets_its_own_captions(tmp_path, 
 
 def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival_order(tmp_path, monkeypatch):
     """Two units of 40 rows on an actor with 4 decode slots, in chunks of 8: never more row tasks than slots, and a
-    few chunk tasks, where a task per row made the actor's memory follow the unit size; the first unit to arrive is
-    done before the second, whose rows enter as its last ones drain."""
+    few chunk tasks, where a task per row made the actor's memory follow the unit size; a unit that arrives while
+    another admits its rows is done after it, its rows entering as the first one's last ones drain."""
     monkeypatch.setattr(captioning, "CHUNK_ROWS", 8)
     s = stage(tmp_path, batch_size=2, fake={"delay_s": 0.002})
     s.in_flight_images = 4
@@ -72,10 +72,22 @@ def test_rows_waiting_for_a_decode_slot_hold_no_task_and_units_finish_in_arrival
                 most[kind] = max(most[kind], len(tasks) if kind == "all" else tasks.count(kind))
             await asyncio.sleep(0)
 
+    original, a_admitting = s.caption_row, asyncio.Event()
+
+    async def caption_row(*args):  # the watcher counts tasks by this name
+        a_admitting.set()
+        return await original(*args)
+
+    s.caption_row = caption_row
+
+    async def second(name: str):  # arrives while the first admits its rows (both at once race for the admission)
+        await a_admitting.wait()
+        return await unit(name)
+
     async def run():
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(stop))
-        tables = await asyncio.gather(unit("a"), unit("b"))
+        tables = await asyncio.gather(unit("a"), second("b"))
         stop.set()
         await watcher
         return tables
