@@ -154,8 +154,8 @@ class CaptionStage:
         so an actor's memory follows its decode slots, not its units' sizes.
 
         A row's coroutine starts only once a decode slot is free, so a unit waiting for slots holds nothing per row;
-        the actor's units admit their rows one unit after another, so the first to arrive is the first done, and the
-        next one's rows enter as its last ones drain. A chunk that raises (a dead engine) raises once every chunk
+        the actor's units admit their rows one unit after another, so the first to begin admitting is the first done,
+        and the next one's rows enter as its last ones drain. A chunk that raises (a dead engine) raises once every chunk
         is done, as a unit whose rows all finished."""
         slots, admission = self.slots()
         chunks = []
@@ -399,7 +399,7 @@ def use_system_allocator() -> None:
     """Arrow allocates from glibc's malloc in this process, not from its default pool (mimalloc), unless
     `ARROW_DEFAULT_MEMORY_POOL` names one. mimalloc kept the pages of a unit's tables resident after they were freed,
     so a caption actor's memory followed the unit size: 132 against 124 MiB of its own for 1024- against 256-image
-    units with the fake engine, and 115 MiB for both with malloc (`recaption bench data`)."""
+    units (the fake engine, in one local Ray), and 115 MiB for both with malloc."""
     if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
         pa.set_memory_pool(pa.system_memory_pool())
 
