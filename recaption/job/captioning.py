@@ -127,7 +127,7 @@ class CaptionStage:
         # while its chunk is captioned (`caption_chunks`).
         image_column = table.column("image")
         meta = table.drop_columns(["image"])
-        todo = pc.sum(pc.equal(meta.column("status"), "ok")).as_py() or 0
+        todo = bool(pc.any(pc.equal(meta.column("status"), "ok")).as_py())  # any row for the engine
         crashed = await asyncio.to_thread(self.attempts_so_far, unit) if todo else 0
         if crashed >= self.model.max_unit_attempts:
             error = f"model {self.model.id}: the engine crashed on this unit {crashed} times; gave up"
@@ -220,7 +220,7 @@ class CaptionStage:
         return self._turns[loop]
 
     async def caption_row(self, unit: str, i: int, row: dict, images: pa.ChunkedArray) -> list[Any] | None:
-        """Decodes one row's image (`caption_rows` holds a slot for it) and captions it with every prompt: per prompt
+        """Decodes one row's image (`caption_chunks` holds a slot for it) and captions it with every prompt: per prompt
         its n Generations or the exception of its request; None when the image itself failed (the row says why)."""
         decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.decode, images, i)
         if isinstance(decoded, ImageError):  # the read stage did not look inside: every bad image shows up here
