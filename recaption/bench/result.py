@@ -57,7 +57,7 @@ class BenchSizes:
     unit_size: int = 1024  # a tar shard is one unit; img2dataset writes 10 000 per shard by default
     small_unit_size: int = 256  # the same images in small units: what each unit costs the pipeline
     image_side: int = 512
-    engine_images: int = 64
+    engine_images: int = 256  # hf engine section: about a second a side per round on 2 CPUs (64 was all noise)
     engine_batch: int = 16
     max_new_tokens: int = 32
     train_steps: int = 30

@@ -18,6 +18,7 @@ SECTIONS_NAMES = {
     "data plane (fake engine)",
     "data plane incl. start-up",
     "hf engine (tiny-llava)",
+    "hf engine vs processor + generate in turn (tiny-llava)",
     "trainer step",
     "corner tokens K=2 vs K=0",
     "scaling: 1 worker(s), 4 units",
