@@ -362,14 +362,15 @@ def pid(_):
 first = set(ray.get([pid.remote(i) for i in range(8)]))
 time.sleep(4)
 second = set(ray.get([pid.remote(i) for i in range(8)]))
-print("NEW", len(second - first), "OF", len(first))
+print("REUSED", len(first & second), "OF", len(first), "IN", len(second))
 """
 
 
 def test_a_local_ray_keeps_its_idle_workers_so_reads_do_not_import_everything_again():
     """Reads reserve a quarter of a CPU, so 8 run at once on 2 CPUs; after 4 s of nothing, Ray left alone replaces
     half of those workers (each new one imports Ray Data and pyarrow again, ~1 s of CPU); the local Ray `recaption
-    run` starts reuses all of them."""
+    run` starts reuses all of them. (A slow start can leave the first 8 tasks on 7 workers, two on one; the second
+    8 then start one more, but every one of the first workers still comes back.)"""
     import os
     import subprocess
     import sys
@@ -380,6 +381,7 @@ def test_a_local_ray_keeps_its_idle_workers_so_reads_do_not_import_everything_ag
     done = subprocess.run(
         [sys.executable, "-c", IDLE_WORKERS_SCRIPT], env=env, capture_output=True, text=True, timeout=180
     )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("NEW")), None)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("REUSED")), None)
     assert line is not None, done.stderr[-2000:]
-    assert line == "NEW 0 OF 8", line
+    _, reused, _, first, _, second = line.split()
+    assert int(first) >= 6 and int(reused) == min(int(first), int(second)), line
