@@ -71,31 +71,27 @@ def bench_engine_hf(
     prompt = captioner._format("Describe this image in detail.")
     prompts = ["Describe this image in detail."] * len(images)
     gen_config = captioner._generation_config()
-    batches = [
-        captioner.processor(images=images[i : i + sizes.engine_batch], text=[prompt] * len(images[i : i + sizes.engine_batch]),
-                            return_tensors="pt", padding=True)
-        for i in range(0, len(images), sizes.engine_batch)
-    ]  # fmt: skip
-    batches = [{k: _to(v, captioner.device, captioner.dtype) for k, v in enc.items()} for enc in batches]
+    chunks = [images[i : i + sizes.engine_batch] for i in range(0, len(images), sizes.engine_batch)]
+
+    def encode(chunk: list) -> dict:  # the processor's batch, on the device
+        enc = captioner.processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
+        return {k: _to(v, captioner.device, captioner.dtype) for k, v in enc.items()}
+
+    def generate(enc: dict) -> int:  # the tokens it generated
+        out = captioner.model.generate(**enc, generation_config=gen_config)
+        return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+
+    batches = [encode(chunk) for chunk in chunks]
 
     def bare() -> int:
-        tokens = 0
         with torch.inference_mode():
-            for enc in batches:
-                out = captioner.model.generate(**enc, generation_config=gen_config)
-                tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+            tokens = sum(generate(enc) for enc in batches)
         sync()
         return tokens
 
     def hand() -> int:  # what a user writes by hand: the processor on each batch, then generate, in turn
-        tokens = 0
         with torch.inference_mode():
-            for i in range(0, len(images), sizes.engine_batch):
-                chunk = images[i : i + sizes.engine_batch]
-                enc = captioner.processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
-                enc = {k: _to(v, captioner.device, captioner.dtype) for k, v in enc.items()}
-                out = captioner.model.generate(**enc, generation_config=gen_config)
-                tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+            tokens = sum(generate(encode(chunk)) for chunk in chunks)
         sync()
         return tokens
 

@@ -398,7 +398,7 @@ def actor_memory() -> dict[str, float]:
 def use_system_allocator() -> None:
     """Arrow allocates from glibc's malloc in this process, not from its default pool (mimalloc), unless
     `ARROW_DEFAULT_MEMORY_POOL` names one. mimalloc kept the pages of a unit's tables resident after they were freed,
-    so a caption actor's memory followed the unit size: 132 against 124 MiB of its own for 1024- against 256-image
+    so a caption actor's memory followed the unit size: 142 against 124 MiB of its own for 1024- against 256-image
     units (the fake engine, in one local Ray), and 115 MiB for both with malloc."""
     if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
         pa.set_memory_pool(pa.system_memory_pool())
